@@ -1,0 +1,959 @@
+"""
+The FlexVAE tokenizer (LlamaGen-style VQ-16 with an L2-normalised codebook) used by FlexVAR / SAR,
+plus the image-data helpers shared by sar.py and fid.py.
+
+Reading order:
+  1. small I/O helpers: save_atomic, load_checkpoint, save_image_grid
+  2. image data: load_dataset ('toy' | .npz | MNIST IDX folder | ImageFolder), DataError
+  3. the VQVAE (encoder, quant_conv, codebook, post_quant_conv, decoder) with the official state_dict names,
+     so the released FlexVAE.pth loads with strict=True; multi-scale tokenization (spec section 2)
+  4. training from scratch (python tokenizer.py --data toy) and a per-scale PSNR evaluation
+
+Images are float tensors in [-1, 1], shape (B, 3, H, W). A "scale" pn is the side of a pn x pn token map.
+"""
+
+import argparse
+import gzip
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+# -----------------------------------------------------------------------------
+# 1. small I/O helpers
+
+
+def save_atomic(obj, path):
+    """torch.save that never leaves a half-written file: write path.tmp in the same dir, fsync, rename."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX and Windows when src/dst are on the same filesystem
+
+
+def load_checkpoint(path, trust=False):
+    """Load a checkpoint dict on CPU. By default only tensors/plain containers are unpickled (weights_only=True);
+    a file that needs arbitrary unpickling is refused unless trust=True (only do that for files you trust)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if trust:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle_error_types() as e:
+        raise RuntimeError(f"{path} contains Python objects that weights_only loading refuses ({str(e).splitlines()[0]}); "
+                           f"if you trust this file, load it again with the trust flag (--trust / trust=True)") from None
+
+
+def pickle_error_types():
+    # torch raises UnpicklingError (a pickle error) for forbidden globals; keep RuntimeError for older torch versions
+    import pickle
+    return (pickle.UnpicklingError, RuntimeError, AttributeError)
+
+
+def to_uint8(images):
+    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8 numpy, rounding like the usual samplers do."""
+    x = (images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_image_grid(images, path, nrow):
+    """Save (N, 3, H, W) images in [-1, 1] as one PNG grid with nrow images per row (2 px white gap), atomically."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    nrow = max(1, min(nrow, n))
+    ncol_rows = math.ceil(n / nrow)
+    pad = 2
+    grid = np.full((ncol_rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        Image.fromarray(grid).save(f, format='PNG')
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# 2. image data
+
+
+class DataError(Exception):
+    """A dataset that is missing, empty, or in a format we cannot read. The message says what to do."""
+
+
+IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.gif', '.tif', '.tiff', '.ppm', '.pgm', '.jfif')
+SPLIT_SEED = 0  # the train/val split of real data never depends on --seed, so all runs share the same val set
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB. 16-bit grey is rescaled (PIL's own convert would clip it to white),
+    palette/alpha images are flattened, CMYK and grey are converted."""
+    if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
+        a = np.asarray(img).astype(np.float64)
+        if img.mode != 'F' and a.max() > 255:
+            a = a / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), 'L')
+    if img.mode == 'P':
+        img = img.convert('RGBA')  # palette may carry transparency
+    return img if img.mode == 'RGB' else img.convert('RGB')  # RGBA/LA: alpha dropped, like torchvision's loader
+
+
+def resize_center_crop(img, size):
+    """Resize the shorter side to size (bicubic, antialiased by PIL) then center-crop size x size."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(arr, flip):
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1], optionally mirrored left-right."""
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    if flip and torch.rand(()) < 0.5:  # DataLoader seeds torch's RNG per worker, so this is reproducible
+        x = x.flip(-1)
+    return x
+
+
+def stratified_split(labels, n_val):
+    """Deterministic stratified split: shuffle each class, give every item a rank fraction (k+0.5)/n_class,
+    and take the n_val smallest fractions as val, so each class gets ~its share. Returns (train_idx, val_idx)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(SPLIT_SEED)
+    frac = np.empty(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        frac[rng.permutation(idx)] = (np.arange(len(idx)) + 0.5) / len(idx)
+    order = np.lexsort((labels, frac))  # by fraction, ties by class
+    val = np.sort(order[:n_val])
+    train = np.sort(order[n_val:])
+    return train, val
+
+
+def default_val_count(n):
+    return min(1000, max(1 if n >= 2 else 0, round(0.05 * n)))  # 5%, at most 1000, at least 1 when possible
+
+
+def pick_split(labels, split, n_val, where):
+    """Indices of the requested split ('train' | 'val' | 'all')."""
+    if split == 'all':
+        return np.arange(len(labels))
+    train, val = stratified_split(labels, n_val)
+    idx = {'train': train, 'val': val}.get(split)
+    if idx is None:
+        raise DataError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
+    if len(idx) == 0:
+        raise DataError(f"split {split!r} of {where} is empty ({len(labels)} images in total); add more images")
+    return idx
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """Images held in memory as uint8 (N, H, W, 3) (npz and MNIST). pad28 pads 28 px digits to 32 px instead of resizing."""
+
+    def __init__(self, images, labels, idx, image_size, flip, class_names, pad=False):
+        self.images, self.idx, self.size, self.flip, self.pad = images, idx, image_size, flip, pad
+        self.labels = [int(labels[i]) for i in idx]
+        self.class_names = class_names
+        self.num_classes = len(class_names)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        a = self.images[self.idx[i]]
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if a.shape[2] == 1:
+            a = np.repeat(a, 3, axis=2)  # grey -> RGB
+        elif a.shape[2] == 4:
+            a = a[:, :, :3]  # drop alpha
+        h, w = a.shape[:2]
+        if self.pad and self.size >= max(h, w) and (self.size - h) % 2 == 0 and (self.size - w) % 2 == 0:
+            p = ((self.size - h) // 2, (self.size - w) // 2)
+            a = np.pad(a, ((p[0], p[0]), (p[1], p[1]), (0, 0)))  # MNIST: black border, digit keeps its pixels
+        elif (h, w) != (self.size, self.size):
+            a = np.asarray(resize_center_crop(Image.fromarray(a), self.size))
+        return to_tensor(a, self.flip), self.labels[i]
+
+
+def load_npz(path, image_size, split, flip):
+    try:
+        with np.load(path) as z:
+            key = 'images' if 'images' in z.files else 'arr_0' if 'arr_0' in z.files else None
+            if key is None:
+                raise DataError(f"{path} has no 'images' (or 'arr_0') array; found {z.files}")
+            images = z[key]
+            labels = z['labels'] if 'labels' in z.files else np.zeros(len(images), np.int64)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read {path} as .npz: {e}") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
+        raise DataError(f"{path}: 'images' must be uint8 NHWC (C = 1, 3 or 4) or NHW; got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise DataError(f"{path} holds no images")
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    if len(labels) != len(images):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    idx = pick_split(labels, split, default_val_count(len(images)), path)
+    names = [str(c) for c in range(int(labels.max()) + 1)]
+    return ArrayImages(images, labels, idx, image_size, flip, names)
+
+
+def read_idx(path):
+    """An IDX file (optionally gzipped) -> numpy uint8 array (format: 2 zero bytes, type 0x08, ndim, big-endian dims)."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+        buf = f.read()
+    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] != 0x08:
+        raise DataError(f"{path} is not a uint8 IDX file")
+    nd = buf[3]
+    shape = tuple(int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], 'big') for i in range(nd))
+    if len(buf) - 4 - 4 * nd != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: header says {shape}")
+    return np.frombuffer(buf, np.uint8, offset=4 + 4 * nd).reshape(shape)
+
+
+def find_idx_pairs(d):
+    """{prefix: (images_path, labels_path)} for MNIST-style files in directory d (e.g. prefix 't10k', 'train')."""
+    files = sorted(os.listdir(d))
+    pairs = {}
+    for f in files:
+        for suf in ('-images-idx3-ubyte', '-images-idx3-ubyte.gz', '-images.idx3-ubyte'):
+            if f.endswith(suf):
+                prefix = f[: -len(suf)]
+                lab = [g for g in files if g.startswith(prefix) and '-labels' in g and 'idx1' in g]
+                if lab:
+                    pairs[prefix] = (os.path.join(d, f), os.path.join(d, lab[0]))
+    return pairs
+
+
+def load_mnist(d, pairs, image_size, split, flip):
+    """MNIST IDX folder. With a 'train' and a 't10k' pair: train/val = those files. With one pair (e.g. the 10k
+    test split in shared/data/mnist): a deterministic stratified 80/20 split (8,000 / 2,000)."""
+    arrays = {p: (read_idx(i), read_idx(l).astype(np.int64)) for p, (i, l) in pairs.items()}
+    if 'train' in arrays and 't10k' in arrays and split != 'all':
+        images, labels = arrays['train' if split == 'train' else 't10k']
+        idx = np.arange(len(images))
+    else:
+        images = np.concatenate([a[0] for a in arrays.values()])
+        labels = np.concatenate([a[1] for a in arrays.values()])
+        idx = pick_split(labels, split, round(0.2 * len(images)), d)
+    return ArrayImages(images, labels, idx, image_size, flip, [str(c) for c in range(10)], pad=True)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """ImageNet layout: root/<class>/**/<image>. Sorted class names -> ids 0..K-1.
+    Unreadable files are skipped and reported once: non-image extensions and files PIL cannot even identify are
+    dropped when the folder is listed; files that fail later while decoding (e.g. truncated JPEGs) are replaced by
+    the next good image and reported when first met."""
+    HEADER_CHECK_MAX = 100_000  # opening every header is cheap for small sets; skip it for ImageNet-size folders
+
+    def __init__(self, root, image_size, flip, files=None, class_names=None):
+        self.root, self.size, self.flip = root, image_size, flip
+        if files is None:
+            files, class_names = self.scan(root)
+        self.files = [f for f, _ in files]
+        self.labels = [c for _, c in files]
+        self.class_names = class_names
+        self.num_classes = len(class_names)
+        self.bad = set()  # indices found undecodable while reading (per process)
+
+    @staticmethod
+    def scan(root):
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+        if not classes:
+            raise DataError(f"{root} has no class sub-folders; expected ImageNet layout DIR/<class>/<images>")
+        files, skipped = [], []
+        check = True
+        for ci, c in enumerate(classes):
+            for dirpath, dirnames, names in os.walk(os.path.join(root, c)):
+                dirnames.sort()
+                for n in sorted(names):
+                    p = os.path.join(dirpath, n)
+                    if n.startswith('.'):
+                        continue
+                    files.append((p, ci)) if n.lower().endswith(IMG_EXTS) else skipped.append(p)
+        if len(files) > ImageFolder.HEADER_CHECK_MAX:
+            check = False
+        if check:
+            good = []
+            for p, ci in files:
+                try:
+                    with Image.open(p) as im:
+                        im.size  # header parsed
+                    good.append((p, ci))
+                except Exception:
+                    skipped.append(p)
+            files = good
+        if skipped:
+            print(f"warning: skipped {len(skipped)} unreadable or non-image file(s) under {root} "
+                  f"(first: {sorted(skipped)[0]})", file=sys.stderr)
+        if not files:
+            raise DataError(f"no readable images under {root} (looked for {', '.join(IMG_EXTS)} in class sub-folders)")
+        return files, classes
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, i):
+        with Image.open(self.files[i]) as im:
+            im.load()  # decode now so truncated data fails here
+            return np.asarray(resize_center_crop(to_rgb(im), self.size))
+
+    def __getitem__(self, i):
+        for k in range(len(self.files)):
+            j = (i + k) % len(self.files)
+            if j in self.bad:
+                continue
+            try:
+                return to_tensor(self.load(j), self.flip), self.labels[j]
+            except Exception as e:
+                self.bad.add(j)
+                print(f"warning: skipped unreadable image {self.files[j]} ({type(e).__name__}: {e}); "
+                      f"{len(self.bad)} skipped so far", file=sys.stderr)
+        raise DataError(f"no image under {self.root} could be decoded")
+
+    def subset(self, idx):
+        return ImageFolder(self.root, self.size, self.flip, [(self.files[i], self.labels[i]) for i in idx], self.class_names)
+
+
+def load_image_folder(d, image_size, split, flip):
+    tv = [os.path.join(d, s) for s in ('train', 'val')]
+    if all(os.path.isdir(p) for p in tv) and split != 'all':
+        return ImageFolder(tv[0] if split == 'train' else tv[1], image_size, flip)
+    if all(os.path.isdir(p) for p in tv):  # 'all' with an explicit train/val layout: both, same class ids
+        a, b = ImageFolder(tv[0], image_size, flip), ImageFolder(tv[1], image_size, flip)
+        if a.class_names != b.class_names:
+            raise DataError(f"{tv[0]} and {tv[1]} have different class folders")
+        return ImageFolder(d, image_size, flip, list(zip(a.files + b.files, a.labels + b.labels)), a.class_names)
+    full = ImageFolder(d, image_size, flip)
+    return full.subset(pick_split(full.labels, split, default_val_count(len(full)), d))
+
+# --- the procedural 'toy' dataset ---
+
+
+TOY_SIZES = {'train': 20000, 'val': 1000}
+TOY_CLASSES = ['disc', 'square', 'triangle', 'h-stripes', 'v-stripes', 'two-discs', 'plus', 'ring', 'diagonal', 'four-squares']
+# a base colour per class (RGB in [0, 1]); the class fixes shape, layout and colour, samples jitter around it
+TOY_COLOURS = np.array([[0.9, 0.15, 0.1], [0.1, 0.75, 0.2], [0.15, 0.3, 0.95], [0.95, 0.85, 0.1], [0.1, 0.85, 0.9],
+                        [0.85, 0.15, 0.8], [1.0, 0.55, 0.05], [0.95, 0.95, 0.95], [0.55, 0.35, 0.15], [0.55, 0.2, 0.9]])
+
+
+def toy_image(label, rng, size):
+    """Render one toy image as (size, size, 3) uint8. Shapes are soft-edged signed-distance masks evaluated on
+    the pixel grid, so any resolution works and edges are anti-aliased. Coordinates are in [-1, 1]."""
+    t = (np.arange(size) + 0.5) / size * 2 - 1
+    y, x = np.meshgrid(t, t, indexing='ij')  # (S, S) each
+    cx, cy = rng.uniform(-0.2, 0.2, 2)  # position jitter
+    r = rng.uniform(0.4, 0.6)  # size jitter
+    col = np.clip(TOY_COLOURS[label] + rng.normal(0, 0.07, 3), 0, 1)  # colour jitter
+    # background: a muted vertical gradient between two random greys-ish colours
+    b0, b1 = rng.uniform(0.05, 0.45, 3), rng.uniform(0.05, 0.45, 3)
+    w = (y[..., None] + 1) / 2
+    img = b0 * (1 - w) + b1 * w  # (S, S, 3)
+    px = 2.0 / size  # one pixel in these coordinates: edge softness
+
+    def soft(d):  # signed distance (negative inside) -> coverage in [0, 1]
+        return np.clip(0.5 - d / px, 0, 1)
+    X, Y = x - cx, y - cy
+    if label == 0:  # disc
+        m = soft(np.hypot(X, Y) - r)
+    elif label == 1:  # axis-aligned square
+        m = soft(np.maximum(abs(X), abs(Y)) - r * 0.8)
+    elif label == 2:  # upward triangle: three half-planes at inradius r/2 (y points down)
+        m = soft(np.maximum(Y, np.maximum(0.866 * X - 0.5 * Y, -0.866 * X - 0.5 * Y)) - r * 0.5)
+    elif label == 3:  # horizontal stripes, 3 bands
+        m = soft((np.abs(((Y / (r * 0.8)) % 2) - 1) - 0.5) * r * 0.8)
+    elif label == 4:  # vertical stripes, 3 bands
+        m = soft((np.abs(((X / (r * 0.8)) % 2) - 1) - 0.5) * r * 0.8)
+    elif label == 5:  # two discs side by side
+        d = np.minimum(np.hypot(X - r * 0.75, Y), np.hypot(X + r * 0.75, Y)) - r * 0.5
+        m = soft(d)
+    elif label == 6:  # plus sign
+        d = np.minimum(np.maximum(abs(X) - r * 0.25, abs(Y) - r), np.maximum(abs(X) - r, abs(Y) - r * 0.25))
+        m = soft(d)
+    elif label == 7:  # ring
+        m = soft(abs(np.hypot(X, Y) - r * 0.8) - r * 0.2)
+    elif label == 8:  # diagonal split: lower-left half coloured
+        m = soft((X - Y) / 1.414)
+    else:  # 2 x 2 grid of small squares
+        d = np.maximum(abs(abs(X) - r * 0.55), abs(abs(Y) - r * 0.55)) - r * 0.3
+        m = soft(d)
+    img = img * (1 - m[..., None]) + col * m[..., None]
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """10 procedural classes, rendered on the fly from (seed, split, index); no download, fully deterministic.
+    Label = index % 10 (balanced). train and val use different RNG streams so the sets do not overlap."""
+
+    def __init__(self, image_size, split='train', flip=False, seed=0):
+        self.size, self.flip, self.seed = image_size, flip, seed
+        self.parts = ['train', 'val'] if split == 'all' else [split]
+        if split not in ('train', 'val', 'all'):
+            raise DataError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
+        self.n = [TOY_SIZES[p] for p in self.parts]
+        self.labels = [i % 10 for p in self.parts for i in range(TOY_SIZES[p])]
+        self.class_names = list(TOY_CLASSES)
+        self.num_classes = 10
+
+    def __len__(self):
+        return sum(self.n)
+
+    def __getitem__(self, i):
+        part = 0 if i < self.n[0] else 1
+        j = i - (self.n[0] if part else 0)
+        split_id = {'train': 0, 'val': 1}[self.parts[part]]
+        rng = np.random.default_rng([self.seed, split_id, j])
+        return to_tensor(toy_image(j % 10, rng, self.size), self.flip), j % 10
+
+
+def load_dataset(spec, image_size, split='train', flip=False, seed=0):
+    """spec: 'toy' | path to .npz | MNIST IDX folder | ImageFolder dir -> Dataset of ((3, S, S) in [-1, 1], label).
+    The dataset has .num_classes, .labels and .class_names. Raises DataError when the data are missing/empty/bad."""
+    if split not in ('train', 'val', 'all'):
+        raise DataError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
+    if spec == 'toy':
+        return ToyDataset(image_size, split, flip, seed)
+    path = os.path.expanduser(os.fspath(spec))
+    if not os.path.exists(path):
+        raise DataError(f"dataset not found: {path} (give 'toy', an .npz file, an MNIST IDX folder or an image folder)")
+    if os.path.isfile(path):
+        if path.endswith('.npz'):
+            return load_npz(path, image_size, split, flip)
+        raise DataError(f"{path} is a file but not an .npz; give a folder of class sub-folders, an MNIST folder or an .npz")
+    pairs = find_idx_pairs(path)
+    if pairs:
+        return load_mnist(path, pairs, image_size, split, flip)
+    return load_image_folder(path, image_size, split, flip)
+
+# -----------------------------------------------------------------------------
+# 3. the VQVAE (LlamaGen VQ-16 layout; attribute names are the official state_dict keys)
+
+
+def Norm(c):
+    # GroupNorm(32, eps 1e-6) as in the official code; only widths not divisible by 32 (tiny configs) get fewer groups
+    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, dropout=0.0):
+        super().__init__()
+        self.norm1 = Norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2 = Norm(cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)  # 1x1 projection only where the width changes
+
+    def forward(self, x):  # (B, cin, h, w) -> (B, cout, h, w)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions, 1x1 convs for q/k/v/out, residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = Norm(c)
+        self.q, self.k, self.v = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (m(n).reshape(B, 1, C, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))  # (B, 1, hw, C)
+        o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        return x + self.proj_out(o.transpose(2, 3).reshape(B, C, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 2, 0)
+
+    def forward(self, x):  # asymmetric pad (right/bottom) then stride-2 conv: (h, w) -> (h/2, w/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x):  # nearest x2 then 3x3 conv
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+
+
+class Level(nn.Module):
+    """One resolution level: res blocks (each optionally followed by attention) and an optional resampler.
+    The resampler attribute is called 'downsample' in the encoder and 'upsample' in the decoder (state_dict names)."""
+
+    def __init__(self, cin, cout, n_res, attn, dropout):
+        super().__init__()
+        self.res = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, dropout) for i in range(n_res)])
+        self.attn = nn.ModuleList([AttnBlock(cout) for _ in range(n_res)] if attn else [])
+
+    def forward(self, h):
+        for i, r in enumerate(self.res):
+            h = r(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        for name in ('downsample', 'upsample'):
+            if hasattr(self, name):
+                h = getattr(self, name)(h)
+        return h
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, z_channels, H/ds, W/ds), ds = 2**(len(ch_mult)-1). Attention only at the last level."""
+
+    def __init__(self, ch, ch_mult, z_channels, num_res_blocks, dropout):
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        self.conv_blocks = nn.ModuleList()
+        for i, cout in enumerate(widths):
+            last = i == len(widths) - 1
+            lvl = Level(ch if i == 0 else widths[i - 1], cout, num_res_blocks, attn=last, dropout=dropout)
+            if not last:
+                lvl.downsample = Downsample(cout)
+            self.conv_blocks.append(lvl)
+        c = widths[-1]
+        self.mid = nn.ModuleList([ResnetBlock(c, c, dropout), AttnBlock(c), ResnetBlock(c, c, dropout)])
+        self.norm_out = Norm(c)
+        self.conv_out = nn.Conv2d(c, z_channels, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for lvl in self.conv_blocks:
+            h = lvl(h)
+        for m in self.mid:
+            h = m(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """(B, z_channels, h, w) -> (B, 3, h*ds, w*ds). Levels run from the widest (index 0, with attention) to ch;
+    each has num_res_blocks+1 res blocks; all but the last end with an Upsample."""
+
+    def __init__(self, ch, ch_mult, z_channels, num_res_blocks, dropout):
+        super().__init__()
+        widths = [ch * m for m in reversed(ch_mult)]
+        c = widths[0]
+        self.conv_in = nn.Conv2d(z_channels, c, 3, 1, 1)
+        self.mid = nn.ModuleList([ResnetBlock(c, c, dropout), AttnBlock(c), ResnetBlock(c, c, dropout)])
+        self.conv_blocks = nn.ModuleList()
+        for i, cout in enumerate(widths):
+            lvl = Level(c if i == 0 else widths[i - 1], cout, num_res_blocks + 1, attn=i == 0, dropout=dropout)
+            if i != len(widths) - 1:
+                lvl.upsample = Upsample(cout)
+            self.conv_blocks.append(lvl)
+        self.norm_out = Norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 3, 3, 1, 1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        for m in self.mid:
+            h = m(h)
+        for lvl in self.conv_blocks:
+            h = lvl(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour VQ with an L2-normalised codebook. Calling it maps (B, C, h, w) -> indices (B, h*w)."""
+
+    def __init__(self, n_codes, dim):
+        super().__init__()
+        # usage tracker of the official code; unused here but part of the state_dict (strict loading needs it)
+        self.register_buffer('codebook_used', torch.zeros(65536))
+        self.embedding = nn.Embedding(n_codes, dim)
+        nn.init.normal_(self.embedding.weight)  # direction is all that matters: the codebook is normalised at use
+
+    def codebook(self):  # (V, C), unit rows
+        return F.normalize(self.embedding.weight, dim=-1)
+
+    def nearest(self, z):
+        """z (B, C, h, w) -> (normalised flat z (N, C), idx (N,)), N = B*h*w in row-major (b, y, x) order."""
+        zf = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=-1)
+        e = self.codebook()
+        d = zf.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * zf @ e.t()  # (N, V) squared distances
+        return zf, d.argmin(1)
+
+    def forward(self, z):
+        return self.nearest(z)[1].view(z.shape[0], -1)
+
+    def straight_through(self, z):
+        """Training view: returns z_q (B, C, h, w) carrying straight-through gradients to z, idx (B, h*w),
+        codebook loss |sg(z) - e|^2 (moves codes) and commitment loss |z - sg(e)|^2 (moves the encoder)."""
+        B, C, h, w = z.shape
+        zf, idx = self.nearest(z)
+        q = self.codebook()[idx]
+        codebook_loss = F.mse_loss(q, zf.detach())
+        commit_loss = F.mse_loss(zf, q.detach())
+        q = zf + (q - zf).detach()  # value = code, gradient flows to the (normalised) encoder output
+        return q.view(B, h, w, C).permute(0, 3, 1, 2), idx.view(B, -1), codebook_loss, commit_loss
+
+
+class VQVAE(nn.Module):
+    """FlexVAE: encoder -> quant_conv (1x1, z_channels -> Cvae) -> L2-normalised VQ -> post_quant_conv -> decoder.
+    Defaults are the released FlexVAE (344 state_dict keys, 72,049,827 parameters)."""
+
+    def __init__(self, codebook_size=8912, codebook_dim=32, z_channels=256, ch=128, ch_mult=(1, 1, 2, 2, 4),
+                 num_res_blocks=2, dropout=0.0):
+        super().__init__()
+        self.config = dict(codebook_size=codebook_size, codebook_dim=codebook_dim, z_channels=z_channels, ch=ch,
+                           ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, dropout=dropout)
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch, ch_mult, z_channels, num_res_blocks, dropout)
+        self.decoder = Decoder(ch, ch_mult, z_channels, num_res_blocks, dropout)
+        self.quantize = VectorQuantizer(codebook_size, codebook_dim)  # vqvae.quantize(z) -> idx (B, h*w)
+        self.quant_conv = nn.Conv2d(z_channels, codebook_dim, 1)
+        self.post_quant_conv = nn.Conv2d(codebook_dim, z_channels, 1)
+
+    def encode_conti(self, x):  # (B, 3, H, W) -> (B, Cvae, H/ds, W/ds), continuous
+        return self.quant_conv(self.encoder(x))
+
+    def codebook(self):  # (V, Cvae), unit rows
+        return self.quantize.codebook()
+
+    def embed(self, idx, pn):  # (B, pn*pn) -> (B, Cvae, pn, pn) normalised code vectors
+        return self.codebook()[idx].view(idx.shape[0], pn, pn, -1).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def tokenize(self, x, scales):
+        """Images -> [idx (B, pn^2) for pn in scales]: encode once, area-downsample the latent to each pn x pn,
+        quantize every scale independently (FlexVAR uses no residuals between scales)."""
+        h = self.encode_conti(x)
+        return [self.quantize(F.interpolate(h, size=(pn, pn), mode='area')) for pn in scales]
+
+    def upsample(self, f, pn):  # (B, Cvae, h, w) -> (B, Cvae, pn, pn)
+        return F.interpolate(f, size=(pn, pn), mode='bicubic', align_corners=False)
+
+    def tf_input(self, idx_list, scales):
+        """Teacher-forcing input (B, L - scales[0]^2, Cvae): scale i's code vectors bicubically upsampled to scale i+1,
+        flattened row-major, for i = 0..K-2 (the last scale is only a target)."""
+        xs = [self.upsample(self.embed(idx, pn), nxt).flatten(2).transpose(1, 2)
+              for idx, pn, nxt in zip(idx_list[:-1], scales[:-1], scales[1:])]
+        return torch.cat(xs, 1)
+
+    def decode(self, f):  # (B, Cvae, h, w) -> (B, 3, h*ds, w*ds)
+        return self.decoder(self.post_quant_conv(f))
+
+    def decode_code(self, idx, pn):  # (B, pn*pn) -> (B, 3, pn*ds, pn*ds)
+        return self.decode(self.embed(idx, pn))
+
+
+def format_key_problems(missing, unexpected, mis_shaped):
+    parts = []
+    for name, keys in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', mis_shaped)):
+        if keys:
+            parts.append(f"{len(keys)} {name} key(s): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+    return '; '.join(parts)
+
+
+def load_tokenizer(path, device='cpu', trust=False):
+    """Our checkpoint {'config', 'model', ...} or the official FlexVAE.pth {'model': state_dict} (then the real
+    FlexVAE config) -> VQVAE in eval mode, frozen. Any key/shape mismatch raises a ValueError listing them."""
+    ckpt = load_checkpoint(path, trust=trust)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a tokenizer checkpoint (expected a dict with a 'model' state_dict)")
+    sd = ckpt.get('model', ckpt)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: 'model' is not a state_dict")
+    config = dict(ckpt.get('config') or {})
+    model = VQVAE(**config)
+    ref = model.state_dict()
+    missing = [k for k in ref if k not in sd]
+    unexpected = [k for k in sd if k not in ref]
+    mis_shaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k].shape)}" for k in ref
+                  if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
+    if missing or unexpected or mis_shaped:
+        raise ValueError(f"{path} does not match the tokenizer config {model.config}: "
+                         + format_key_problems(missing, unexpected, mis_shaped))
+    model.load_state_dict(sd, strict=True)
+    model.to(device).eval().requires_grad_(False)
+    for k in ('image_size', 'scales'):
+        if k in ckpt:
+            setattr(model, k, ckpt[k])
+    return model
+
+# -----------------------------------------------------------------------------
+# 4. training from scratch and evaluation
+
+
+def psnr(a, b):
+    """PSNR in dB for images in [-1, 1] (peak-to-peak 2), averaged over the batch of per-image values."""
+    mse = (a.clamp(-1, 1) - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(4.0 / mse)).mean().item()
+
+
+def image_at(x, pn, ds):  # the image a pn x pn token map should decode to: x area-downsampled to pn*ds pixels
+    return x if x.shape[-1] == pn * ds else F.interpolate(x, size=(pn * ds, pn * ds), mode='area')
+
+
+def vq_losses(model, h, pn, x, beta):
+    """Quantize the latent h area-downsampled to pn x pn, decode, and compare with x downsampled to match.
+    Returns (reconstruction MSE, codebook loss + beta * commitment loss, recon, idx)."""
+    q, idx, cb, commit = model.quantize.straight_through(F.interpolate(h, size=(pn, pn), mode='area'))
+    rec = model.decode(q)
+    return F.mse_loss(rec, image_at(x, pn, model.downsample)), cb + beta * commit, rec, idx
+
+
+def restart_dead_codes(model, opt, usage, h):
+    """Codes unused for a while are moved onto random (normalised) encoder outputs of the current batch, so the whole
+    codebook stays in use (LlamaGen-style VQ otherwise tends to leave many codes dead). Their Adam moments reset."""
+    dead = (usage < 1e-3).nonzero().flatten()
+    if len(dead) == 0:
+        return 0
+    z = F.normalize(h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1)
+    pick = z[torch.randint(len(z), (len(dead),), device=z.device)]
+    w = model.quantize.embedding.weight
+    with torch.no_grad():
+        w[dead] = pick + 0.01 * torch.randn_like(pick)
+    for k in ('exp_avg', 'exp_avg_sq'):
+        if k in opt.state.get(w, {}):
+            opt.state[w][k][dead] = 0
+    usage[dead] = 1.0 / len(usage)  # give the new codes some grace time before they can be restarted again
+    return len(dead)
+
+
+@torch.no_grad()
+def evaluate(model, ds, scales, device, n=1000, batch_size=100):
+    """Per-scale PSNR on the first n images of ds: decode each scale's token map and compare with the image
+    area-downsampled to the decoded size (finest scale = the full image). Returns {pn: dB}, codebook usage."""
+    model.eval()
+    n = min(n, len(ds))
+    tot = {pn: 0.0 for pn in scales}
+    used = torch.zeros(model.config['codebook_size'], dtype=torch.bool)
+    for s in range(0, n, batch_size):
+        x = torch.stack([ds[i][0] for i in range(s, min(n, s + batch_size))]).to(device)
+        for pn, idx in zip(scales, model.tokenize(x, scales)):
+            tot[pn] += psnr(model.decode_code(idx, pn), image_at(x, pn, model.downsample)) * len(x)
+            used[idx.flatten().cpu()] = True
+    return {pn: v / n for pn, v in tot.items()}, used.float().mean().item()
+
+
+@torch.no_grad()
+def save_recon_png(model, ds, scales, path, n=8):
+    """Row 0: held-out originals; then one row per scale with that scale's decode, nearest-upsampled to full size."""
+    x = torch.stack([ds[i][0] for i in range(min(n, len(ds)))]).to(next(model.parameters()).device)
+    rows = [x]
+    for pn, idx in zip(scales, model.tokenize(x, scales)):
+        rows.append(F.interpolate(model.decode_code(idx, pn), size=x.shape[-2:], mode='nearest'))
+    save_image_grid(torch.cat(rows).cpu(), path, nrow=len(x))
+
+
+def parse_ints(s, what):
+    try:
+        v = [int(t) for t in str(s).replace(' ', '').split(',') if t]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise ValueError(f"{what} must be positive integers, got {s!r}")
+    return v
+
+
+def check_scales(scales, image_size, ds):
+    latent = image_size // ds
+    if any(b <= a for a, b in zip(scales, scales[1:])):
+        raise ValueError(f"--scales must be strictly increasing, got {scales}")
+    if image_size % ds:
+        raise ValueError(f"--image-size {image_size} is not a multiple of the downsample factor {ds}")
+    if scales[-1] > latent:
+        raise ValueError(f"largest scale {scales[-1]} exceeds the {latent}x{latent} latent ({image_size} px / {ds})")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train the FlexVAE-style VQ tokenizer from scratch (defaults: the small "
+                                "laptop config for --data toy: 32 px images, 8x8 latent, scales 1..8).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a('--data', default='toy', help="'toy' (built-in procedural set), an .npz (images uint8 NHWC/NHW, labels), "
+      "an MNIST IDX folder, or an ImageFolder dir (DIR/<class>/*.png, optionally DIR/train + DIR/val)")
+    a('--image-size', type=int, default=32, help='train/eval resolution in pixels (resize shorter side + center crop)')
+    a('--flip', action='store_true', help='random horizontal flips for training images')
+    a('--out', default='out/tokenizer.pt', help='checkpoint path (written atomically; sar.py reads it by default)')
+    a('--steps', type=int, default=1000, help='number of optimisation steps')
+    a('--batch-size', type=int, default=32, help='images per step')
+    a('--lr', type=float, default=2e-3, help='peak AdamW learning rate (linear warmup, cosine decay to 10%%)')
+    a('--codebook-size', type=int, default=1024, help='number of codes V')
+    a('--codebook-dim', type=int, default=32, help='code vector size Cvae (the transformer input width)')
+    a('--ch', type=int, default=32, help='base channel count of encoder/decoder (FlexVAE: 128)')
+    a('--ch-mult', default='1,1,2', help='channel multipliers per level; downsample factor = 2**(levels-1) '
+      '(FlexVAE: 1,1,2,2,4)')
+    a('--z-channels', type=int, default=64, help='encoder output channels before quant_conv (FlexVAE: 256)')
+    a('--num-res-blocks', type=int, default=1, help='res blocks per encoder level (decoder: one more) (FlexVAE: 2)')
+    a('--beta', type=float, default=0.25, help='commitment loss weight')
+    a('--ms-weight', type=float, default=1.0, help='weight of the coarse-scale reconstruction loss (0 = finest only)')
+    a('--scales', default='1,2,3,4,5,6,8', help='token-map sides pn (increasing; the last <= latent side); '
+      'stored in the checkpoint for sar.py')
+    a('--ckpt-every', type=int, default=200, help='save a checkpoint every N steps (and at the end)')
+    a('--resume', action='store_true', help='continue from the checkpoint at --out (model, optimizer, step)')
+    a('--eval-only', metavar='CKPT', default=None, help='skip training: print the per-scale PSNR table of CKPT '
+      '(ours or an official FlexVAE.pth) and write its reconstruction PNG next to it')
+    a('--eval-images', type=int, default=1000, help='held-out images used for the final PSNR table')
+    a('--trust', action='store_true', help='allow full unpickling of checkpoints (only for files you trust)')
+    a('--seed', type=int, default=0, help='random seed (model init, data order, toy data)')
+    a('--device', default='cpu', help="torch device, e.g. 'cpu' or 'cuda'")
+    a('--workers', type=int, default=-1, help='DataLoader worker processes (-1: 0 for in-memory data, else up to 4)')
+    a('--threads', type=int, default=0, help='torch CPU threads (0: all cores available to this process)')
+    return p
+
+
+def lr_at(step, steps, peak):  # linear warmup over 5% of the run, then cosine down to 10% of the peak
+    warm = max(1, steps // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def infinite_batches(ds, args, start_step):
+    """Endless shuffled batches; the shuffle generator is seeded from (seed, start step), so a resumed run is
+    deterministic too (though not batch-identical to an uninterrupted one)."""
+    workers = args.workers
+    if workers < 0:
+        workers = 0 if not isinstance(ds, ImageFolder) else min(4, max(0, (os.cpu_count() or 1) - 1))
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + start_step * 7919 + epoch)
+        dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=g,
+                                         num_workers=workers, persistent_workers=False)
+        yield from dl
+        epoch += 1
+
+
+def train(args):
+    from tqdm import tqdm
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    scales = parse_ints(args.scales, '--scales')
+    config = dict(codebook_size=args.codebook_size, codebook_dim=args.codebook_dim, z_channels=args.z_channels,
+                  ch=args.ch, ch_mult=tuple(parse_ints(args.ch_mult, '--ch-mult')), num_res_blocks=args.num_res_blocks)
+    check_scales(scales, args.image_size, 2 ** (len(config['ch_mult']) - 1))
+    train_ds = load_dataset(args.data, args.image_size, 'train', flip=args.flip, seed=args.seed)
+    val_ds = load_dataset(args.data, args.image_size, 'val', seed=args.seed)
+    model = VQVAE(**config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    usage = torch.full((args.codebook_size,), 1.0 / args.codebook_size, device=device)  # EMA of code frequencies
+    step = 0
+    if args.resume and os.path.exists(args.out):
+        ck = load_checkpoint(args.out, trust=args.trust)
+        if ck.get('config') != config and dict(ck.get('config', {}), ch_mult=tuple(ck['config']['ch_mult'])) != config:
+            raise ValueError(f"--resume: {args.out} was trained with {ck.get('config')}, not {config}")
+        model.load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer'])
+        usage = ck['usage'].to(device)
+        step = ck['step']
+        print(f"resumed {args.out} at step {step}")
+    elif args.resume:
+        print(f"--resume: {args.out} does not exist yet, starting from scratch")
+
+    def save():
+        save_atomic({'config': config, 'model': model.state_dict(), 'optimizer': opt.state_dict(), 'step': step,
+                     'usage': usage.cpu(), 'image_size': args.image_size, 'scales': scales,
+                     'args': {k: v for k, v in vars(args).items()}}, args.out)
+
+    model.train()
+    batches = infinite_batches(train_ds, args, step)
+    coarse = scales[:-1]
+    bar = tqdm(total=args.steps, initial=step, desc='tokenizer', dynamic_ncols=True)
+    t0 = time.time()
+    while step < args.steps:
+        x, _ = next(batches)
+        x = x.to(device, non_blocking=True)
+        for gr in opt.param_groups:
+            gr['lr'] = lr_at(step, args.steps, args.lr)
+        h = model.encode_conti(x)  # (B, Cvae, h, w)
+        rec_loss, vq_loss, rec, idx = vq_losses(model, h, h.shape[-1], x, args.beta)
+        loss = rec_loss + vq_loss
+        if coarse and args.ms_weight > 0:
+            # one random coarser scale per step: its token map must decode to the image at that resolution
+            pn = coarse[torch.randint(len(coarse), ()).item()]
+            r2, v2, _, _ = vq_losses(model, h, pn, x, args.beta)
+            loss = loss + args.ms_weight * (r2 + v2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # code usage EMA (finest scale) and dead-code restarts during the first 80%
+            usage.mul_(0.99).add_(0.01 * torch.bincount(idx.flatten(), minlength=len(usage)).float() / idx.numel())
+            if step % 50 == 49 and step < 0.8 * args.steps:
+                restart_dead_codes(model, opt, usage, h)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(rec.detach(), x):.2f}")
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save()
+    bar.close()
+    if step == args.steps and not os.path.exists(args.out):
+        save()  # e.g. --resume of a finished run
+    print(f"trained {step} steps in {time.time() - t0:.0f}s -> {args.out}")
+    report(model, val_ds, scales, args, device)
+
+
+def report(model, val_ds, scales, args, device, out=None):
+    res, used = evaluate(model, val_ds, scales, device, n=args.eval_images)
+    print(f"held-out reconstruction PSNR ({min(args.eval_images, len(val_ds))} images; each scale vs the image "
+          f"area-downsampled to the decoded size):")
+    print("  scale  tokens  pixels  PSNR(dB)")
+    for pn in scales:
+        print(f"  {pn:5d}  {pn * pn:6d}  {pn * model.downsample:6d}  {res[pn]:8.2f}")
+    print(f"codebook usage on these images: {used:.1%}")
+    png = os.path.splitext(out or args.out)[0] + '_recon.png'
+    save_recon_png(model, val_ds, scales, png)
+    print(f"originals (top row) vs per-scale reconstructions -> {png}")
+    return res
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    elif hasattr(os, 'sched_getaffinity'):
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # respect CPU pinning (containers, taskset)
+    try:
+        if args.eval_only:
+            model = load_tokenizer(args.eval_only, args.device, trust=args.trust)
+            size = getattr(model, 'image_size', args.image_size)
+            scales = getattr(model, 'scales', None) or parse_ints(args.scales, '--scales')
+            check_scales(scales, size, model.downsample)
+            report(model, load_dataset(args.data, size, 'val', seed=args.seed), scales, args, args.device,
+                   out=args.eval_only)
+        else:
+            train(args)
+    except (DataError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == '__main__':
+    main()
