@@ -82,9 +82,10 @@ def get_parser():
     g = p.add_argument_group('model and data')
     g.add_argument('--depth', type=int, default=4, help="transformer depth; width = 64*depth, heads = depth (official: 16/20/24)")
     g.add_argument('--data', default='toy', help="'toy', an ImageFolder dir, an .npz (images, labels) or an MNIST IDX dir")
-    g.add_argument('--vae', default=DEFAULT_VAE, help="tokenizer checkpoint: ours (python tokenizer.py) or the official FlexVAE.pth")
+    g.add_argument('--vae', default=None, help=f"tokenizer checkpoint: ours (python tokenizer.py) or the official FlexVAE.pth "
+                                               f"(training default: {DEFAULT_VAE}; sampling default: the one the checkpoint names)")
     g.add_argument('--image-size', type=int, default=32, help="training resolution (official: 256 px, 512 in the code's default)")
-    g.add_argument('--scales', type=parse_scales, default=list(LAPTOP_SCALES),
+    g.add_argument('--scales', default=','.join(map(str, LAPTOP_SCALES)),
                    help="scale list (side lengths); with --scale-schedule random it is the longest list and its last "
                         "entry the finest scale (official: 1,2,3,4,5,6,8,10,13,16)")
     g.add_argument('--scale-schedule', choices=['random', 'fixed'], default='random',
@@ -129,6 +130,8 @@ def get_parser():
     g = p.add_argument_group('run')
     g.add_argument('--out-dir', default='', help="output folder (default out/<mode>): ckpt.pt, log.jsonl, samples")
     g.add_argument('--resume', action='store_true', help="continue from <out-dir>/ckpt.pt if it exists")
+    g.add_argument('--stop-at', type=int, default=0, help="stop after this step as if interrupted (time-sliced jobs); "
+                                                         "--resume continues with the same schedule")
     g.add_argument('--ckpt-every', type=int, default=200, help="write the checkpoint (atomically) every N steps and at the end")
     g.add_argument('--log-every', type=int, default=50, help="log every N steps (stdout + <out-dir>/log.jsonl)")
     g.add_argument('--seed', type=int, default=0, help="seed of everything random in training")
@@ -146,7 +149,7 @@ def get_parser():
     g.add_argument('--classes', default='all', help="'all' or a comma-separated list of class ids")
     g.add_argument('--num-samples', type=int, default=8, help="images per class")
     g.add_argument('--sample-batch', type=int, default=64, help="images per forward batch when sampling")
-    g.add_argument('--sample-scales', type=parse_scales, default=None, help="scale list at sampling (default: the training --scales)")
+    g.add_argument('--sample-scales', default=None, help="scale list at sampling (default: the training --scales)")
     g.add_argument('--save-npz', default='', help="also write all samples to this .npz (arr_0 uint8 NHWC, labels), streamed")
     g.add_argument('--save-png', action='store_true', help="also write one PNG per image under <out-dir>/samples/")
     g.add_argument('--trajectory', action='store_true', help="write the image decoded after every scale (paper Fig. 7)")
@@ -157,7 +160,11 @@ def get_parser():
 
 
 def resolve_defaults(args):
-    """Fill the mode- and size-dependent defaults (documented in --help)."""
+    """Parse the scale lists and fill the mode- and size-dependent defaults (documented in --help)."""
+    if isinstance(args.scales, str):
+        args.scales = parse_scales(args.scales)
+    if isinstance(args.sample_scales, str):
+        args.sample_scales = parse_scales(args.sample_scales)
     official = args.depth >= 12
     if args.lr is None:
         if official:
@@ -708,19 +715,15 @@ def load_ckpt_file(path, trust=False):
         raise UserError(f"cannot load {path}: {str(e).splitlines()[0]}")
 
 
-def load_vae(args, device):
+def load_vae(path, device, trust=False):
     from tokenizer import load_tokenizer
-    if not args.vae:
-        raise UserError("no tokenizer given: pass --vae PATH (train one with `python tokenizer.py`, "
-                        "or use the official FlexVAE.pth)")
-    if not os.path.isfile(args.vae):
-        hint = " (make it with: python tokenizer.py)" if args.vae == DEFAULT_VAE else ""
-        raise UserError(f"tokenizer checkpoint not found: {args.vae}{hint}")
+    if not os.path.isfile(path):
+        hint = " (make it with: python tokenizer.py)" if path == DEFAULT_VAE else ""
+        raise UserError(f"tokenizer checkpoint not found: {path}{hint}")
     try:
-        vae = load_tokenizer(args.vae, device=device, trust=args.trust_checkpoint)
+        return load_tokenizer(path, device=device, trust=trust)
     except Exception as e:
-        raise UserError(f"cannot load tokenizer {args.vae}: {str(e).splitlines()[0]}")
-    return vae
+        raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}")
 
 
 def autocast_ctx(device, dtype_name):
@@ -728,6 +731,16 @@ def autocast_ctx(device, dtype_name):
         return nullcontext()
     dtype = torch.float16 if dtype_name == 'fp16' else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward_backward(fwd, raw, vae, images, labels, scales, args, gen, scaler=None):
+    """Tokenize (frozen VAE), compute the mode's loss under autocast, backward (scaled by 1/grad_accum)."""
+    gt_idx, x_in = gt_tokens_and_inputs(vae, images, scales)
+    with autocast_ctx(images.device, args.dtype):
+        loss, info = compute_losses(fwd, vae, gt_idx, x_in, labels, scales, args, gen, raw_model=raw)
+    scaled = loss / args.grad_accum
+    (scaler.scale(scaled) if scaler else scaled).backward()
+    return loss, info
 
 
 def train(args):
@@ -751,7 +764,8 @@ def train(args):
     torch.manual_seed(args.seed)
 
     # ---- data and tokenizer (frozen, eval) ----
-    vae = load_vae(args, device)
+    args.vae = args.vae or DEFAULT_VAE
+    vae = load_vae(args.vae, device, args.trust_checkpoint)
     latent = args.image_size // vae.downsample
     check_scales(args.scales, latent)
     try:
@@ -818,11 +832,9 @@ def train(args):
             if args.flip:
                 flip = torch.rand(images.shape[0], generator=gen, device=device) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            gt_idx, x_in = gt_tokens_and_inputs(vae, images, scales)
             sync = world == 1 or m == args.grad_accum - 1
-            with (nullcontext() if sync else model.no_sync()), autocast_ctx(device, args.dtype):
-                loss, info = compute_losses(fwd, vae, gt_idx, x_in, labels, scales, args, gen, raw_model=raw)
-            (scaler.scale(loss / args.grad_accum) if scaler else loss / args.grad_accum).backward()
+            with nullcontext() if sync else model.no_sync():
+                loss, info = forward_backward(fwd, raw, vae, images, labels, scales, args, gen, scaler)
             for k in ('loss_tf', 'loss_csf', 'sf_acc'):
                 if k in info:
                     totals[k] = totals.get(k, 0.0) + info[k].float() / args.grad_accum
@@ -834,9 +846,9 @@ def train(args):
         if world > 1:
             dist.all_reduce(stats)
             stats /= world
-        if not torch.isfinite(stats[0]):
+        if not torch.isfinite(stats).all():
             bar.close()
-            raise UserError(f"loss is {stats[0].item()} at step {step}: stopped; the last good checkpoint "
+            raise UserError(f"loss {stats[0].item()} / grad norm {stats[1].item()} at step {step}: stopped; the last good checkpoint "
                             f"({ckpt_path if os.path.isfile(ckpt_path) else 'none yet'}) is untouched. Try a lower "
                             f"--lr, --dtype bf16/fp32 instead of fp16, or check the data")
         if scaler:
@@ -860,8 +872,10 @@ def train(args):
                 print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items()
                                   if k != 'per_scale'}), flush=True)
             t0 = time.time()
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or step == args.steps or step == args.stop_at:
             save(step)
+        if step == args.stop_at:
+            break
     bar.close()
     if log:
         log.close()
@@ -932,3 +946,253 @@ def sample(model, vae, labels, scales, cfg=1.5, top_k=0, top_p=0.0, generator=No
     if return_logits:
         out += (all_logits, all_idx)
     return out[0] if len(out) == 1 else out
+
+
+def sampling_setup(args, device):
+    """Load the checkpoint and its tokenizer, and resolve the sampling defaults. Returns (model, vae, scales)."""
+    if not args.ckpt:
+        raise UserError("--sample needs --ckpt CKPT (e.g. out/sar/ckpt.pt)")
+    ck = load_ckpt_file(args.ckpt, args.trust_checkpoint)
+    sd = extract_state_dict(ck)
+    model = FlexVAR(**config_from_state_dict(sd))
+    load_state_dict_strict(model, sd, args.ckpt)
+    ours = isinstance(ck.get('args'), dict)
+    vae_path = args.vae or (ck.get('tokenizer') if ours else None)
+    if not vae_path:
+        raise UserError(f"{args.ckpt} names no tokenizer: pass --vae (the official FlexVAE.pth for official checkpoints)")
+    vae = load_vae(vae_path, device, args.trust_checkpoint)
+    if vae.codebook().shape != (model.V, model.config['codebook_dim']):
+        raise UserError(f"tokenizer {vae_path} has a {tuple(vae.codebook().shape)} codebook but the model expects "
+                        f"({model.V}, {model.config['codebook_dim']})")
+    scales = args.sample_scales or (ck['args']['scales'] if ours else list(OFFICIAL_SCALES))
+    if args.cfg is None:  # official eval settings for official checkpoints (spec section 4)
+        args.cfg = {16: 2.2, 20: 2.6, 24: 3.3}.get(model.depth, 1.5) if not ours else 1.5
+    return model.to(device).eval(), vae, scales
+
+
+def npy_header(shape):
+    """The .npy header of a C-ordered uint8 array of `shape` (so the data can be streamed after it)."""
+    import numpy as np
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, dict(descr='|u1', fortran_order=False, shape=tuple(shape)))
+    return buf.getvalue()
+
+
+class NpzStream:
+    """Write an .npz with `arr_0` (N, H, W, 3) uint8 and `labels` (N,) chunk by chunk: 50,000 images at 256 px
+    (9.8 GB) never sit in memory. Written to a temporary name, renamed when complete."""
+
+    def __init__(self, path, n, h, w):
+        import zipfile
+        self.path, self.tmp, self.n, self.labels = path, path + '.tmp', n, []
+        self.zf = zipfile.ZipFile(self.tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True)
+        self.f = self.zf.open('arr_0.npy', 'w', force_zip64=True)
+        self.f.write(npy_header((n, h, w, 3)))
+
+    def write(self, images_uint8_NHWC, labels):
+        self.f.write(images_uint8_NHWC.tobytes())
+        self.labels.extend(int(x) for x in labels)
+
+    def close(self):
+        import numpy as np
+        import io
+        self.f.close()
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(self.labels, dtype=np.int64))
+        self.zf.writestr('labels.npy', buf.getvalue())
+        self.zf.close()
+        if len(self.labels) != self.n:
+            raise RuntimeError(f"npz stream got {len(self.labels)} images, expected {self.n}")
+        os.replace(self.tmp, self.path)
+
+
+def to_uint8_nhwc(images):
+    """(B, 3, H, W) in [-1, 1] -> numpy uint8 (B, H, W, 3), rounding like torchvision's save_image."""
+    return ((images.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def run_sampling(args):
+    """--sample: generate --num-samples images per class; grid PNG, optional per-image PNGs and streamed .npz.
+    Every batch b has its own generator seeded from (--seed, b), so the images do not depend on the number of
+    processes: under torchrun rank r takes batches r, r+world, ..., and rank 0 merges the shards in order."""
+    import numpy as np
+    import torch.distributed as dist
+    from tokenizer import save_image_grid
+    from PIL import Image
+    rank, world, device = setup_distributed(args.device)
+    model, vae, scales = sampling_setup(args, device)
+    nc = model.num_classes
+    if args.classes == 'all':
+        classes = list(range(nc))
+    else:
+        try:
+            classes = [int(c) for c in args.classes.split(',') if c.strip()]
+        except ValueError:
+            raise UserError(f"--classes must be 'all' or comma-separated integers, got {args.classes!r}")
+        bad = [c for c in classes if not 0 <= c < nc]
+        if bad:
+            raise UserError(f"class id(s) {bad} out of range: this model has classes 0..{nc - 1}")
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.write_test{rank}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out_dir}: {e.strerror}")
+    labels = torch.tensor([c for c in classes for _ in range(args.num_samples)], dtype=torch.long)
+    n, bs = len(labels), args.sample_batch
+    batches = list(range(rank, (n + bs - 1) // bs, world))
+    side = scales[-1] * vae.downsample
+    top_k = min(args.top_k, model.V)
+    shard = np.lib.format.open_memmap(os.path.join(out_dir, f'.shard{rank}.npy'), mode='w+', dtype=np.uint8,
+                                      shape=(max(1, len(batches) * bs), side, side, 3)) if args.save_npz else None
+    from tqdm import tqdm
+    grid, traj = [], None
+    for j, b in enumerate(tqdm(batches, disable=rank != 0 or args.quiet, desc='sampling')):
+        lab = labels[b * bs:(b + 1) * bs].to(device)
+        gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, b))
+        with autocast_ctx(device, args.dtype):
+            out = sample(model, vae, lab, scales, args.cfg, top_k, args.top_p, gen, args.cfg_form,
+                         trajectory=args.trajectory and b == 0)
+        images, steps = (out if args.trajectory and b == 0 else (out, None))
+        u8 = to_uint8_nhwc(images.float())
+        if steps is not None:
+            traj = torch.stack([F.interpolate(s.float(), size=(side, side), mode='nearest') for s in steps], 1)
+        if shard is not None:
+            shard[j * bs:j * bs + len(lab)] = u8
+        if args.save_png:
+            for i, (img, c) in enumerate(zip(u8, lab.tolist())):
+                os.makedirs(os.path.join(out_dir, 'samples', str(c)), exist_ok=True)
+                Image.fromarray(img).save(os.path.join(out_dir, 'samples', str(c), f'{b * bs + i:06d}.png'))
+        grid.append(images.float().cpu())
+    if shard is not None:
+        shard.flush()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return
+    per_class = min(args.num_samples, 10)
+    shown = torch.cat(grid)[:n] if world == 1 else None
+    if shown is not None:  # grid: up to 10 classes x up to 10 samples each, one row per class
+        keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples < per_class]
+        save_image_grid(shown[keep].clamp(-1, 1), os.path.join(out_dir, 'samples.png'), nrow=per_class)
+        print(f"wrote {os.path.join(out_dir, 'samples.png')}")
+    if traj is not None:  # rows: samples; columns: the image decoded after each scale (paper Fig. 7)
+        t = traj[:8].clamp(-1, 1)
+        save_image_grid(t.flatten(0, 1).cpu(), os.path.join(out_dir, 'trajectory.png'), nrow=len(scales))
+        print(f"wrote {os.path.join(out_dir, 'trajectory.png')}")
+    if args.save_npz:
+        shards = [np.load(os.path.join(out_dir, f'.shard{r}.npy'), mmap_mode='r') for r in range(world)]
+        w = NpzStream(args.save_npz, n, side, side)
+        for b in range((n + bs - 1) // bs):
+            r, j = b % world, b // world
+            count = min(bs, n - b * bs)
+            w.write(np.ascontiguousarray(shards[r][j * bs:j * bs + count]), labels[b * bs:b * bs + count].tolist())
+        w.close()
+        for r in range(world):
+            os.remove(os.path.join(out_dir, f'.shard{r}.npy'))
+        print(f"wrote {args.save_npz} ({n} images, {side}x{side})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmark: time training steps
+# ----------------------------------------------------------------------------------------------------------
+
+def train_flops_per_image(model, scales, opts):
+    """Matmul FLOPs of one training image: forward = 2 * (weights x tokens) + attention 4 * L_ctx * C per token
+    per layer; backward = 2x forward. SAR adds the no-grad uncond pass (cfg) and the student pass."""
+    C, D, V = model.C, model.depth, model.V
+
+    def fwd(scales_):
+        L = sum(pn * pn for pn in scales_)
+        ctx = sum(pn * pn * sum(q * q for q in scales_[:i + 1]) for i, pn in enumerate(scales_))
+        return 2 * L * (D * 12 * C * C + C * V) + 4 * ctx * C * D
+    total = 3 * fwd(scales)
+    if opts.mode == 'sar':
+        if opts.sf_input == 'cfg':
+            total += fwd(scales)
+        total += 3 * (fwd([1, scales[-1]]) if opts.sf_transitions == 'last' else fwd(scales))
+    return total
+
+
+def bench(args):
+    import statistics
+    from tokenizer import VQVAE
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    if args.vae:
+        vae = load_vae(args.vae, device, args.trust_checkpoint)
+    else:  # the real FlexVAE architecture with random weights (costs the same as the trained one)
+        vae = VQVAE().to(device).eval().requires_grad_(False)
+    size = args.scales[-1] * vae.downsample
+    V, Cv = vae.codebook().shape
+    model = FlexVAR(args.depth, V, args.num_classes or 1000, Cv).init_weights().to(device).train()
+    args.sf_top_k = min(args.sf_top_k, V)
+    opt = make_optimizer(model, args.lr, args.weight_decay, device)
+    scaler = torch.amp.GradScaler(device.type) if args.dtype == 'fp16' else None
+    fwd = torch.compile(model) if args.compile else model
+    B, scales = args.batch_size, list(args.scales)
+    images = torch.rand(B, 3, size, size, device=device) * 2 - 1
+    labels = torch.randint(0, model.num_classes, (B,), device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.bench_steps):
+        gen = torch.Generator(device=device).manual_seed(i)
+        sync()
+        t = time.perf_counter()
+        forward_backward(fwd, model, vae, images, labels, scales, args, gen, scaler)
+        if scaler:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        (scaler.step(opt), scaler.update()) if scaler else opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t)
+        print(f"step {i}: {times[-1] * 1000:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
+    med = statistics.median(times[1:] if len(times) > 1 else times)
+    L = sum(pn * pn for pn in scales)
+    res = dict(depth=args.depth, params_M=round(count_params(model) / 1e6, 2), batch=B, mode=args.mode,
+               sf_input=args.sf_input if args.mode == 'sar' else None, scales=scales, device=str(device),
+               dtype=args.dtype, ms_per_step=round(med * 1000, 1), min_ms=round(min(times[1:] or times) * 1000, 1),
+               images_per_s=round(B / med, 2), tokens_per_s=round(B * L / med, 1))
+    if device.type == 'cuda':
+        res['peak_mem_GiB'] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        res['mfu'] = round(train_flops_per_image(model, scales, args) * B / med / (args.peak_tflops * 1e12), 4)
+    else:
+        import resource
+        res['peak_rss_GiB'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    print(json.dumps(res))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. main
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    from tokenizer import DataError
+    try:
+        args = resolve_defaults(args)
+        if args.sample:
+            run_sampling(args)
+        elif args.bench:
+            bench(args)
+        else:
+            train(args)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,408 @@
+"""Tests of sar.py. Fixture tests compare with vectors computed by the official SAR/FlexVAR code
+(../shared/fixtures/flexvar_tiny.pt); the rest check invariants and closed forms.
+Run: python -m pytest -q test_sar.py"""
+
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sar
+import tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE = os.path.join(HERE, '..', 'shared', 'fixtures', 'flexvar_tiny.pt')
+
+
+@pytest.fixture(scope='module')
+def fx():
+    return torch.load(FIXTURE)
+
+
+def fixture_vae(fx):
+    c = fx['vae_config']
+    vae = tokenizer.VQVAE(codebook_size=c['codebook_size'], codebook_dim=c['codebook_embed_dim'],
+                          z_channels=c['z_channels'], ch=c['base_ch'], ch_mult=c['encoder_ch_mult'],
+                          num_res_blocks=c['num_res_blocks'])
+    vae.load_state_dict(fx['vae_state_dict'], strict=True)
+    return vae.eval().requires_grad_(False)
+
+
+def fixture_var(fx):
+    sd = sar.extract_state_dict(fx['var_state_dict'])
+    model = sar.FlexVAR(**sar.config_from_state_dict(sd))
+    sar.load_state_dict_strict(model, sd)
+    return model.eval()
+
+
+def opts(*argv):
+    return sar.resolve_defaults(sar.get_parser().parse_args(list(argv)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the transformer against the official code
+# ---------------------------------------------------------------------------------------------------------
+
+def test_fixture_var_state_dict_loads_strictly(fx):
+    sd = sar.extract_state_dict(fx['var_state_dict'])
+    assert 'attn_bias_for_masking' not in sd                       # the stale mask is dropped
+    model = fixture_var(fx)
+    assert set(model.state_dict()) == set(sd)
+    assert model.config == dict(depth=2, vocab_size=512, num_classes=1000, codebook_dim=32)
+    # both official layouts and ours give the same state_dict
+    for wrapped in ({'trainer': {'var_wo_ddp': fx['var_state_dict']}}, {'model': fx['var_state_dict']}):
+        assert set(sar.extract_state_dict(wrapped)) == set(sd)
+
+
+def test_fixture_tf_logits_and_mask(fx):
+    model = fixture_var(fx)
+    with torch.no_grad():
+        logits = model(fx['labels'], fx['tf_input'], fx['scales'])
+        uncond = model(fx['tf_logits_uncond_labels'], fx['tf_input'], fx['scales'])
+    torch.testing.assert_close(logits, fx['tf_logits'], atol=1e-4, rtol=0)
+    torch.testing.assert_close(uncond, fx['tf_logits_uncond'], atol=1e-4, rtol=0)
+    assert torch.equal(sar.attn_bias(fx['scales']), fx['attn_bias'])
+
+
+def test_fixture_sf_logits(fx):
+    model, vae = fixture_var(fx), fixture_vae(fx)
+    k = fx['sf_scale_index']
+    src = fx['tf_logits'][:, sum(p * p for p in fx['scales'][:k]):sum(p * p for p in fx['scales'][:k + 1])].argmax(-1)
+    assert torch.equal(src, fx['sf_src_idx'])
+    with torch.no_grad():
+        logits, which = sar.student_pass(model, vae, fx['labels'], {k: src}, fx['scales'], 'last')
+    assert which == [len(fx['scales']) - 1]
+    torch.testing.assert_close(logits, fx['sf_logits'], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('mode', ['tf', 'sar'])
+def test_fixture_training_step_losses_and_grad_norms(fx, mode):
+    """One official step (argmax SF, last transition, teacher target, gamma 0.01, no dropout)."""
+    ref = fx['train_step']
+    model, vae = fixture_var(fx), fixture_vae(fx)
+    o = opts('--mode', mode, '--cond-drop', '0', '--sf-input', 'argmax', '--gamma', str(ref['sigma']))
+    gt, x = sar.gt_tokens_and_inputs(vae, fx['images'], fx['scales'])
+    loss, info = sar.compute_losses(model, vae, gt, x, fx['labels'], fx['scales'], o)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+    if mode == 'tf':
+        assert loss.item() == pytest.approx(ref['tf_loss'], rel=1e-4)
+        assert gn.item() == pytest.approx(ref['tf_grad_norm'], rel=1e-4)
+    else:
+        assert info['loss_tf'].item() == pytest.approx(ref['csfl_tf_loss'], rel=1e-4)
+        assert info['loss_csf'].item() == pytest.approx(ref['csfl_sf_loss'], rel=1e-4)
+        assert loss.item() == pytest.approx(ref['csfl_total_loss'], rel=1e-4)
+        assert gn.item() == pytest.approx(ref['csfl_grad_norm'], rel=1e-4)
+
+
+@pytest.mark.parametrize('form,key', [('var', 'var_cfg'), ('llamagen', 'llamagen_cfg')])
+def test_fixture_greedy_cfg_sampling(fx, form, key):
+    ai, ref = fx['ar_infer'], fx['ar_infer'][key]
+    model, vae = fixture_var(fx), fixture_vae(fx)
+    img, logits, idx = sar.sample(model, vae, fx['labels'], ai['infer_patch_nums'], cfg=ai['cfg'], top_k=ai['top_k'],
+                                  top_p=ai['top_p'], cfg_form=form, max_pn=ai['max_pn'], return_logits=True)
+    for a, b in zip(idx, ref['indices_per_scale']):
+        assert torch.equal(a, b)
+    for a, b in zip(logits, ref['cfg_logits_per_scale']):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    torch.testing.assert_close(img, ref['image'], atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# invariants of the model and of SSR
+# ---------------------------------------------------------------------------------------------------------
+
+def small_model(V=64, depth=2, classes=10, seed=0):
+    torch.manual_seed(seed)
+    model = sar.FlexVAR(depth, V, classes, 32, drop_path_rate=0.0).init_weights(init_adaln_gamma=0.5)
+    with torch.no_grad():  # random, non-degenerate weights
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def small_vae(V=64, seed=0):
+    torch.manual_seed(seed)
+    return tokenizer.VQVAE(codebook_size=V, codebook_dim=32, z_channels=16, ch=8, ch_mult=(1, 2, 2),
+                           num_res_blocks=1).eval().requires_grad_(False)
+
+
+def test_block_causal_mask_matches_definition():
+    scales = [1, 2, 4, 5]
+    m = sar.block_causal_mask(scales)
+    d = [i for i, pn in enumerate(scales) for _ in range(pn * pn)]
+    for q in range(len(d)):
+        for k in range(len(d)):
+            assert bool(m[q, k]) == (d[q] >= d[k])
+
+
+def test_causality_changing_a_scale_input_only_affects_it_and_finer():
+    model, scales = small_model(), [1, 2, 3, 5]
+    be = sar.begin_ends(scales)
+    x = torch.randn(2, sum(p * p for p in scales) - 1, 32)
+    lab = torch.tensor([1, 3])
+    with torch.no_grad():
+        base = model(lab, x, scales)
+        for i in range(1, len(scales)):
+            x2 = x.clone()
+            x2[:, be[i][0] - 1:be[i][1] - 1] += torch.randn(2, scales[i] ** 2, 32)    # input of scale i
+            out = model(lab, x2, scales)
+            assert torch.equal(out[:, :be[i][0]], base[:, :be[i][0]])               # coarser scales untouched
+            assert (out[:, be[i][0]:be[i][1]] - base[:, be[i][0]:be[i][1]]).abs().max() > 1e-4  # its own changes
+
+
+def test_ssr_all_equals_student_pass_scale_by_scale():
+    """Eq. 6 in one pass over the shifted sequence == running each scale's student prediction separately,
+    with only its own prefix of self-generated inputs."""
+    model, vae, scales = small_model(), small_vae(), [1, 2, 3, 5]
+    K, be = len(scales), sar.begin_ends(scales)
+    drawn = {i: torch.randint(0, 64, (2, pn * pn)) for i, pn in enumerate(scales)}
+    lab = torch.tensor([0, 7])
+    with torch.no_grad():
+        all_logits, which = sar.student_pass(model, vae, lab, drawn, scales, 'all')
+        assert which == list(range(1, K))
+        for i in range(1, K):
+            prefix = scales[:i + 1]
+            x = vae.tf_input([drawn[j] for j in range(i + 1)], prefix)
+            one = model(lab, x, prefix)[:, be[i][0]:be[i][1]]
+            torch.testing.assert_close(all_logits[:, be[i][0] - 1:be[i][1] - 1], one, atol=1e-5, rtol=0)
+
+
+def test_teacher_targets_carry_no_gradient():
+    """L_SAR's gradient = grad L_TF + gamma * grad CE(student logits, fixed tokens): the teacher-forced
+    prediction used as the CSF target is a constant (drawn without grad)."""
+    model, vae, scales = small_model(), small_vae(), [1, 2, 3, 4]
+    images, labels = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([2, 5])
+    gt, x = sar.gt_tokens_and_inputs(vae, images, scales)
+    o = opts('--mode', 'sar', '--cond-drop', '0', '--sf-input', 'argmax', '--sf-transitions', 'all', '--gamma', '0.5')
+    loss, info = sar.compute_losses(model, vae, gt, x, labels, scales, o)
+    g_total = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    with torch.no_grad():
+        tf_logits = model(labels, x, scales)
+        drawn = {i: tf_logits[:, a:b].argmax(-1) for i, (a, b) in enumerate(sar.begin_ends(scales))}
+    assert not any(t.requires_grad for t in drawn.values())
+    l_tf = sar.token_ce(model(labels, x, scales), torch.cat(gt, 1))
+    sf_logits, which = sar.student_pass(model, vae, labels, drawn, scales, 'all')
+    l_csf = sar.token_ce(sf_logits, torch.cat([drawn[i] for i in which], 1))
+    g_ref = torch.autograd.grad(l_tf + 0.5 * l_csf, list(model.parameters()), allow_unused=True)
+    for a, b in zip(g_total, g_ref):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cfg_sf_uncond_pass_is_outside_autograd():
+    """The unconditional logits only serve to sample SF inputs: the loss graph must not contain them
+    (the official code backpropagates through them for nothing). With the same RNG, the loss with
+    --sf-input cfg has the same gradient as recomputing it from the drawn tokens."""
+    model, vae, scales = small_model(), small_vae(), [1, 2, 3, 4]
+    images, labels = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([2, 5])
+    gt, x = sar.gt_tokens_and_inputs(vae, images, scales)
+    o = opts('--mode', 'sar', '--cond-drop', '0', '--sf-input', 'cfg', '--sf-top-k', '20')
+    calls = []
+    hook = model.head.register_forward_hook(lambda m, i, out: calls.append(torch.is_grad_enabled()))
+    loss, _ = sar.compute_losses(model, vae, gt, x, labels, scales, o, torch.Generator().manual_seed(0))
+    hook.remove()
+    assert calls == [True, False, True]   # TF pass with grad, uncond pass without, student pass with grad
+
+
+def test_top_k_top_p_sampler_matches_truncated_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    p = logits.softmax(-1)[0]
+    # top-k 4 then top-p 0.8: keep the 4 largest; drop the ascending tail whose cumulative mass <= 0.2
+    keep = torch.zeros(6, dtype=torch.bool)
+    keep[:4] = True
+    q = torch.where(keep, p, torch.zeros_like(p))
+    q = q / q.sum()
+    order = torch.argsort(q)
+    cum = torch.cumsum(q[order], 0)
+    drop = order[cum <= 0.2]
+    q[drop] = 0
+    q = q / q.sum()
+    g = torch.Generator().manual_seed(0)
+    draws = sar.sample_top_k_top_p(logits.expand(40000, 6), 4, 0.8, g)
+    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+    torch.testing.assert_close(freq, q, atol=0.01, rtol=0)
+    assert torch.equal(sar.sample_top_k_top_p(logits, 1, 0.0), torch.tensor([0]))
+
+
+def test_kv_cached_sampling_equals_teacher_forcing_forward():
+    """The logits of every KV-cached AR step == a teacher-forcing forward on the sequence it sampled."""
+    model, vae, scales = small_model(), small_vae(), [1, 2, 3, 4]
+    labels = torch.tensor([1, 4, 9])
+    g = torch.Generator().manual_seed(3)
+    _, logits, idx = sar.sample(model, vae, labels, scales, cfg=0.0, top_k=10, top_p=0.9, generator=g,
+                                cfg_form='llamagen', return_logits=True)   # cfg 0 in llamagen form = uncond only
+    g = torch.Generator().manual_seed(3)
+    _, logits_c, idx_c = sar.sample(model, vae, labels, scales, cfg=1.0, top_k=10, top_p=0.9, generator=g,
+                                    cfg_form='llamagen', return_logits=True)  # cfg 1 = cond only
+    with torch.no_grad():
+        x = vae.tf_input(idx_c, scales)
+        tf = model(labels, x, scales)
+        tf_unc = model(torch.full_like(labels, 10), vae.tf_input(idx, scales), scales)
+    torch.testing.assert_close(torch.cat(logits_c, 1), tf, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(logits, 1), tf_unc, atol=1e-4, rtol=0)
+
+
+def test_sampling_same_seed_same_images():
+    model, vae, scales = small_model(), small_vae(), [1, 2, 3, 4]
+    labels = torch.tensor([0, 1, 2, 3])
+    run = lambda s: sar.sample(model, vae, labels, scales, 2.0, 20, 0.95, torch.Generator().manual_seed(s))
+    a, b, c = run(5), run(5), run(6)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_npz_stream_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 7)
+    w = sar.NpzStream(str(tmp_path / 's.npz'), 7, 5, 6)
+    w.write(imgs[:4], labels[:4])
+    w.write(imgs[4:], labels[4:])
+    w.close()
+    with np.load(tmp_path / 's.npz') as z:
+        assert np.array_equal(z['arr_0'], imgs) and np.array_equal(z['labels'], labels)
+    assert not os.path.exists(tmp_path / 's.npz.tmp')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training schedules
+# ---------------------------------------------------------------------------------------------------------
+
+def test_random_scale_schedule_matches_official_statistics():
+    """Spec 3.1 (simulated with the official function, 2e5 draws): last scale 16: 66.6%, 15: 13.7%,
+    14: 10.2%, 13: 6.4%, 12: 2.8%; length 8: 39%, 9: 48%; mean L 591, min 311, max 680."""
+    rng = random.Random(0)
+    lists = [sar.random_scales(sar.OFFICIAL_SCALES, rng) for _ in range(20000)]
+    n = len(lists)
+    last = {f: sum(s[-1] == f for s in lists) / n for f in (16, 15, 14, 13, 12)}
+    for f, ref in zip((16, 15, 14, 13, 12), (0.666, 0.137, 0.102, 0.064, 0.028)):
+        assert abs(last[f] - ref) < 0.015, (f, last[f])
+    lengths = [len(s) for s in lists]
+    assert abs(lengths.count(8) / n - 0.39) < 0.02 and abs(lengths.count(9) / n - 0.48) < 0.02
+    Ls = [sum(p * p for p in s) for s in lists]
+    assert abs(np.mean(Ls) - 591) < 4 and max(Ls) == 680 and min(Ls) >= 311
+    assert all(s[0] == 1 and all(b > a for a, b in zip(s, s[1:])) for s in lists)
+    small = [sar.random_scales(sar.LAPTOP_SCALES, rng) for _ in range(2000)]
+    assert all(sum(p * p for p in s) <= 155 and s[0] == 1 and all(b > a for a, b in zip(s, s[1:])) for s in small)
+
+
+def test_lr_schedule_closed_form():
+    f = lambda s: sar.lr_at(s, 1000, 1.0, 100, 0.1, 0.05)
+    assert f(0) == pytest.approx(0.005) and f(50) == pytest.approx(0.005 + 0.995 * 0.5)
+    assert f(100) == 1.0 and f(145) == 1.0                      # hold 5% of the 900 post-warm-up steps
+    assert f(1000) == pytest.approx(0.1)
+    assert f(145 + 855 // 2) == pytest.approx(1 - 0.9 * (855 // 2) / 855, abs=2e-3)
+
+
+def test_weight_decay_groups():
+    groups = sar.param_groups(small_model(), 0.05)
+    decay = {id(p) for p in groups[0]['params']}
+    m = small_model()
+    names = {n for n, p in m.named_parameters()}
+    groups = sar.param_groups(m, 0.05)
+    decay = {n for n, p in m.named_parameters() if any(p is q for q in groups[0]['params'])}
+    assert 'pos_1LC' not in decay and 'pos_start' not in decay and 'blocks.0.attn.scale_mul_1H11' not in decay
+    assert {'class_emb.weight', 'head.weight', 'word_embed.weight', 'blocks.0.ada_lin.1.weight'} <= decay
+    assert not any(n.endswith('bias') for n in decay) and names - decay
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the training loop: resume, DDP, errors
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny_vae_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('vae') / 'vae.pt')
+    v = small_vae(V=64)
+    tokenizer.save_atomic({'config': v.config, 'model': v.state_dict(), 'image_size': 16, 'scales': [1, 2, 3, 4]}, path)
+    return path
+
+
+def train_args(vae, out, *extra):
+    return ['--vae', vae, '--depth', '1', '--image-size', '16', '--scales', '1,2,3,4', '--batch-size', '4',
+            '--out-dir', out, '--quiet', '--workers', '0', '--log-every', '1', '--sf-top-k', '16', *extra]
+
+
+def weights(path):
+    return sar.extract_state_dict(torch.load(path, weights_only=True))
+
+
+def test_resume_continues_exactly(tiny_vae_path, tmp_path):
+    common = ('--mode', 'sar', '--steps', '6', '--ckpt-every', '100', '--sf-input', 'sample')
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'a'), *common))
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'b'), *common, '--stop-at', '3'))
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'b'), *common, '--resume'))
+    wa, wb = weights(tmp_path / 'a' / 'ckpt.pt'), weights(tmp_path / 'b' / 'ckpt.pt')
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    w3 = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)
+    assert w3['step'] == 6
+
+
+def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
+    common = ('--steps', '3', '--scale-schedule', 'fixed', '--cond-drop', '0', '--drop-path', '0', '--no-flip',
+              '--mode', 'sar', '--sf-input', 'argmax')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    one = [sys.executable, 'sar.py', *train_args(tiny_vae_path, str(tmp_path / 'one'), *common)]
+    two = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'sar.py',
+           *train_args(tiny_vae_path, str(tmp_path / 'two'), *common)]
+    for cmd in (one, two):
+        r = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    wa, wb = weights(tmp_path / 'one' / 'ckpt.pt'), weights(tmp_path / 'two' / 'ckpt.pt')
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
+    assert any(not torch.equal(wa[k], sar.FlexVAR(1, 64, 10, 32).state_dict()[k]) for k in wa)
+
+
+def error_of(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        sar.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and '\n' not in err and 'Traceback' not in err
+    return err
+
+
+def test_errors_bad_scales(capsys, tiny_vae_path, tmp_path):
+    assert 'strictly increasing' in error_of(capsys, ['--scales', '1,3,2'])
+    assert 'latent' in error_of(capsys, train_args(tiny_vae_path, str(tmp_path), '--scales', '1,2,3,4,8'))
+
+
+def test_errors_missing_vae_and_bad_checkpoint(capsys, tiny_vae_path, tmp_path):
+    err = error_of(capsys, train_args(str(tmp_path / 'nope.pt'), str(tmp_path)))
+    assert 'nope.pt' in err
+    # a checkpoint of another depth
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'd1'), '--steps', '1'))
+    err = error_of(capsys, train_args(tiny_vae_path, str(tmp_path / 'd2'), '--depth', '2', '--init',
+                                      str(tmp_path / 'd1' / 'ckpt.pt')))
+    assert 'depth-1' in err
+    # mismatched keys are listed
+    model = sar.FlexVAR(1, 64, 10, 32)
+    sd = model.state_dict()
+    sd.pop('head.bias')
+    sd['extra.weight'] = torch.zeros(1)
+    with pytest.raises(sar.UserError, match='head.bias.*extra.weight'):
+        sar.load_state_dict_strict(model, sd)
+
+
+def test_error_batch_not_divisible_by_processes(capsys, tiny_vae_path, tmp_path):
+    err = error_of(capsys, train_args(tiny_vae_path, str(tmp_path), '--batch-size', '4', '--grad-accum', '3'))
+    assert 'divisible' in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, tiny_vae_path, tmp_path):
+    out = str(tmp_path / 'nan')
+    err = error_of(capsys, train_args(tiny_vae_path, out, '--steps', '20', '--ckpt-every', '1', '--lr', '1e35',
+                                      '--warmup-steps', '0', '--log-every', '100'))
+    assert 'stopped' in err
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck['model'].values())
+    assert not any(f.endswith('.tmp') for f in os.listdir(out))
