@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The whole SAR recipe: tokenizer -> teacher-forcing pretraining -> SAR post-training -> sampling -> FID.
+#
+#   bash train.sh                      # the laptop pipeline on the built-in `toy` data (CPU, ~15 min)
+#   SMOKE=1 bash train.sh              # the same stages with tiny sizes (< 2 min; CI runs it)
+#   DATA=/path/imagenet/train VAE=FlexVAE.pth INIT=FlexVARd16-epo179.pth DEPTH=16 NPROC=8 bash train.sh
+#                                      # SAR post-training of the official FlexVAR-d16 with the official recipe,
+#                                      # then the 50,000-sample evaluation (add FID_REF=VIRTUAL_imagenet256_labeled.npz)
+#
+# Variables (all optional):
+#   DATA     toy | ImageFolder dir | .npz | MNIST IDX dir          (default toy)
+#   VAE      tokenizer checkpoint; if unset one is trained on DATA   (official: FlexVAE.pth)
+#   INIT     transformer to post-train; if unset, TF pretraining runs first (official: FlexVARd16-epo179.pth)
+#   DEPTH    transformer depth (4 on the laptop; official 16/20/24)
+#   NPROC    processes per node for torchrun (default 1)
+#   OUT      output folder (default out, or out/smoke with SMOKE=1)
+#   TF_STEPS, SAR_STEPS, BATCH, IMAGE_SIZE, SCALES, CFG, NUM_SAMPLES (per class), FID_REF, FID_WEIGHTS
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python}
+# ---- install what is missing (the CPU wheel of torch on a machine without CUDA packages) ----
+$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0 || $PY -m pip install -q torch
+$PY -c "import numpy, PIL, tqdm, scipy" 2>/dev/null || $PY -m pip install -q -r requirements.txt
+
+SMOKE=${SMOKE:-0}
+DATA=${DATA:-toy}
+NPROC=${NPROC:-1}
+if [ -n "${INIT:-}" ] && [ -z "${DEPTH:-}" ]; then echo "error: INIT given: set DEPTH to its depth (16/20/24)" >&2; exit 2; fi
+DEPTH=${DEPTH:-$([ "$SMOKE" = 1 ] && echo 2 || echo 4)}
+if [ "$DEPTH" -ge 12 ]; then            # the official sizes: ImageNet 256 px, 1000 classes, official recipe
+  IMAGE_SIZE=${IMAGE_SIZE:-256}; SCALES=${SCALES:-1,2,3,4,5,6,8,10,13,16}; BATCH=${BATCH:-768}
+  TF_STEPS=${TF_STEPS:-300000}; SAR_STEPS=${SAR_STEPS:-18359}      # 11 epochs x 1669 it (the official SAR run)
+  NUM_SAMPLES=${NUM_SAMPLES:-50}; CFG=${CFG:-}; EXTRA_EVAL=""
+elif [ "$SMOKE" = 1 ]; then
+  IMAGE_SIZE=${IMAGE_SIZE:-32}; SCALES=${SCALES:-1,2,3,4,5,6,8}; BATCH=${BATCH:-8}
+  TF_STEPS=${TF_STEPS:-8}; SAR_STEPS=${SAR_STEPS:-4}; NUM_SAMPLES=${NUM_SAMPLES:-4}; CFG=${CFG:-1.5}
+  TOK_FLAGS="--steps 10 --batch-size 8 --ch 16 --eval-images 20"; CLF_FLAGS="--steps 20"
+else                                     # the laptop configuration
+  IMAGE_SIZE=${IMAGE_SIZE:-32}; SCALES=${SCALES:-1,2,3,4,5,6,8}; BATCH=${BATCH:-32}
+  TF_STEPS=${TF_STEPS:-700}; SAR_STEPS=${SAR_STEPS:-150}; NUM_SAMPLES=${NUM_SAMPLES:-100}; CFG=${CFG:-1.5}
+  TOK_FLAGS=""; CLF_FLAGS=""
+fi
+OUT=${OUT:-$([ "$SMOKE" = 1 ] && echo out/smoke || echo out)}
+mkdir -p "$OUT"
+RUN="$PY"
+[ "$NPROC" -gt 1 ] && RUN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
+COMMON="--data $DATA --depth $DEPTH --image-size $IMAGE_SIZE --scales $SCALES --batch-size $BATCH --quiet"
+start=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - start ))s] $*"; }
+
+# ---- 1. tokenizer ----
+if [ -z "${VAE:-}" ]; then
+  VAE=$OUT/tokenizer.pt
+  if [ ! -f "$VAE" ]; then
+    stamp "training the tokenizer on $DATA -> $VAE"
+    $PY tokenizer.py --data "$DATA" --image-size "$IMAGE_SIZE" --scales "$SCALES" --out "$VAE" ${TOK_FLAGS:-}
+  fi
+fi
+
+# ---- 2. teacher-forcing pretraining (skipped when INIT is given) ----
+if [ -z "${INIT:-}" ]; then
+  stamp "teacher-forcing pretraining, $TF_STEPS steps -> $OUT/tf/ckpt.pt"
+  $RUN sar.py --mode tf $COMMON --vae "$VAE" --steps "$TF_STEPS" --out-dir "$OUT/tf" --resume
+  INIT=$OUT/tf/ckpt.pt
+fi
+
+# ---- 3. SAR post-training from that checkpoint ----
+stamp "SAR post-training, $SAR_STEPS steps from $INIT -> $OUT/sar/ckpt.pt"
+$RUN sar.py --mode sar $COMMON --vae "$VAE" --init "$INIT" --steps "$SAR_STEPS" --out-dir "$OUT/sar" --resume
+
+# ---- 4. sampling of both checkpoints ----
+for name in tf sar; do
+  ck=$([ "$name" = tf ] && echo "$INIT" || echo "$OUT/sar/ckpt.pt")
+  stamp "sampling $NUM_SAMPLES images per class from $ck"
+  $RUN sar.py --sample --ckpt "$ck" --vae "$VAE" --num-samples "$NUM_SAMPLES" ${CFG:+--cfg $CFG} --seed 0 \
+    --save-npz "$OUT/samples_$name.npz" --out-dir "$OUT/samples_$name" --trajectory --quiet
+done
+
+# ---- 5. evaluation ----
+if [ "$DEPTH" -lt 12 ]; then  # offline: FID in the features of a small classifier trained on the data, + class accuracy
+  [ -f "$OUT/clf.pt" ] || { stamp "training the domain classifier"; $PY fid.py --train-classifier "$DATA" --out "$OUT/clf.pt" --image-size "$IMAGE_SIZE" ${CLF_FLAGS:-}; }
+  for name in tf sar; do
+    $PY fid.py "$OUT/samples_$name.npz" "$DATA" --features "$OUT/clf.pt" --ref-split val --json "$OUT/eval_$name.json"
+  done
+fi
+if [ -n "${FID_REF:-}" ]; then  # Inception FID/IS/precision/recall as the ADM evaluator (needs the Inception weights)
+  for name in tf sar; do
+    $PY fid.py "$OUT/samples_$name.npz" "$FID_REF" ${FID_WEIGHTS:+--weights $FID_WEIGHTS} --json "$OUT/inception_$name.json"
+  done
+fi
+
+stamp "done"
+$PY - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+rows = []
+for name in ('tf', 'sar'):
+    r = {}
+    for f in (f'eval_{name}.json', f'inception_{name}.json'):
+        p = os.path.join(out, f)
+        if os.path.isfile(p):
+            r.update(json.load(open(p)))
+    rows.append((name.upper(), r))
+keys = sorted({k for _, r in rows for k, v in r.items() if isinstance(v, (int, float))})
+print('\n| checkpoint | ' + ' | '.join(keys) + ' |')
+print('|---|' + '---|' * len(keys))
+for name, r in rows:
+    print(f'| {name} | ' + ' | '.join(f'{r[k]:.4g}' if k in r else '-' for k in keys) + ' |')
+print(f'\nsamples: {out}/samples_tf/samples.png, {out}/samples_sar/samples.png; '
+      f'trajectories: {out}/samples_*/trajectory.png')
+EOF
