@@ -406,3 +406,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, tiny_vae_path, tm
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert all(torch.isfinite(v).all() for v in ck['model'].values())
     assert not any(f.endswith('.tmp') for f in os.listdir(out))
+
+
+def test_checkpoint_needing_unpickling_is_refused_without_trust(capsys, tiny_vae_path, tmp_path):
+    """Official training outputs pickle an args object: weights_only loading refuses it unless trusted."""
+    import argparse
+    path = str(tmp_path / 'wrapped.pt')
+    torch.save({'trainer': {'var_wo_ddp': sar.FlexVAR(1, 64, 10, 32).state_dict()}, 'args': argparse.Namespace(a=1)}, path)
+    err = error_of(capsys, train_args(tiny_vae_path, str(tmp_path / 'o'), '--init', path, '--steps', '1'))
+    assert 'trust' in err
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'o'), '--init', path, '--steps', '1', '--trust-checkpoint'))
+    assert torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['step'] == 1
+
+
+def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
+    out = str(tmp_path / 'run')
+    sar.main(train_args(tiny_vae_path, out, '--steps', '1'))
+    ck = os.path.join(out, 'ckpt.pt')
+    sar.main(['--sample', '--ckpt', ck, '--classes', '1,3', '--num-samples', '3', '--top-k', '8', '--quiet',
+              '--save-npz', str(tmp_path / 's.npz'), '--trajectory', '--save-png'])
+    with np.load(tmp_path / 's.npz') as z:
+        assert z['arr_0'].shape == (6, 16, 16, 3) and z['arr_0'].dtype == np.uint8
+        assert z['labels'].tolist() == [1, 1, 1, 3, 3, 3]
+    assert os.path.isfile(os.path.join(out, 'samples.png')) and os.path.isfile(os.path.join(out, 'trajectory.png'))
+    assert len(os.listdir(os.path.join(out, 'samples', '3'))) == 3
+    assert 'out of range' in error_of(capsys, ['--sample', '--ckpt', ck, '--classes', '12'])
+    flat = str(tmp_path / 'flat.pt')
+    torch.save(sar.extract_state_dict(torch.load(ck, weights_only=True)), flat)   # an official-style flat file
+    assert 'names no tokenizer' in error_of(capsys, ['--sample', '--ckpt', flat])
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    assert 'cannot write' in error_of(capsys, ['--sample', '--ckpt', ck, '--out-dir', str(blocker / 'sub')])
+
+
+def test_smoke_pipeline_train_sh(tmp_path):
+    """SMOKE=1 bash train.sh: every stage of the recipe with tiny sizes, ending in the TF vs SAR table."""
+    env = dict(os.environ, SMOKE='1', OUT=str(tmp_path / 'smoke'))
+    r = subprocess.run(['bash', 'train.sh'], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert '| TF |' in r.stdout and '| SAR |' in r.stdout
+    for f in ('samples_tf.npz', 'samples_sar.npz', 'eval_tf.json', 'eval_sar.json', 'sar/ckpt.pt'):
+        assert os.path.isfile(tmp_path / 'smoke' / f), f
