@@ -359,7 +359,8 @@ def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
     wa, wb = weights(tmp_path / 'one' / 'ckpt.pt'), weights(tmp_path / 'two' / 'ckpt.pt')
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
-    assert any(not torch.equal(wa[k], sar.FlexVAR(1, 64, 10, 32).state_dict()[k]) for k in wa)
+    ck = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
+    assert ck['step'] == 3 and any(s['exp_avg'].abs().sum() > 0 for s in ck['optimizer']['state'].values())
 
 
 def error_of(capsys, argv):
@@ -412,7 +413,8 @@ def test_checkpoint_needing_unpickling_is_refused_without_trust(capsys, tiny_vae
     """Official training outputs pickle an args object: weights_only loading refuses it unless trusted."""
     import argparse
     path = str(tmp_path / 'wrapped.pt')
-    torch.save({'trainer': {'var_wo_ddp': sar.FlexVAR(1, 64, 10, 32).state_dict()}, 'args': argparse.Namespace(a=1)}, path)
+    sd = sar.FlexVAR(1, 64, 10, 32).init_weights().state_dict()
+    torch.save({'trainer': {'var_wo_ddp': sd}, 'args': argparse.Namespace(a=1)}, path)
     err = error_of(capsys, train_args(tiny_vae_path, str(tmp_path / 'o'), '--init', path, '--steps', '1'))
     assert 'trust' in err
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'o'), '--init', path, '--steps', '1', '--trust-checkpoint'))
@@ -447,3 +449,405 @@ def test_smoke_pipeline_train_sh(tmp_path):
     assert '| TF |' in r.stdout and '| SAR |' in r.stdout
     for f in ('samples_tf.npz', 'samples_sar.npz', 'eval_tf.json', 'eval_sar.json', 'sar/ckpt.pt'):
         assert os.path.isfile(tmp_path / 'smoke' / f), f
+
+
+# =========================================================================================================
+# tokenizer.py: fixture equivalence with the official FlexVAE code, quantization, data readers,
+# checkpoint I/O, CLI and a short training smoke test
+# =========================================================================================================
+
+import io
+import torch.nn.functional as F
+from PIL import Image
+
+import tokenizer as T
+
+MNIST = os.path.join(HERE, '..', 'shared', 'data', 'mnist')
+
+
+@pytest.fixture(scope='module')
+def fx_vae(fx):
+    c = fx['vae_config']
+    vae = T.VQVAE(codebook_size=c['codebook_size'], codebook_dim=c['codebook_embed_dim'], z_channels=c['z_channels'],
+                  ch=c['base_ch'], ch_mult=c['encoder_ch_mult'], num_res_blocks=c['num_res_blocks'])
+    vae.load_state_dict(fx['vae_state_dict'], strict=True)
+    return vae.eval()
+
+
+def test_fixture_state_dict_keys_and_shapes(fx, fx_vae):
+    ours = fx_vae.state_dict()
+    ref = fx['vae_state_dict']
+    assert list(ours.keys()) == list(ref.keys())  # same names, same order as the official module tree
+    assert len(ours) == 340
+    assert all(ours[k].shape == ref[k].shape for k in ref)
+
+
+def test_fixture_encode_conti(fx, fx_vae):
+    with torch.no_grad():
+        h = fx_vae.encode_conti(fx['images'])
+    assert h.shape == (2, 32, 8, 8)
+    torch.testing.assert_close(h, fx['vae_h_conti'], atol=1e-4, rtol=0)
+
+
+def test_fixture_tokens_per_scale(fx, fx_vae):
+    idx = fx_vae.tokenize(fx['images'], fx['scales'])
+    assert len(idx) == len(fx['gt_idx_per_scale'])
+    for pn, a, b in zip(fx['scales'], idx, fx['gt_idx_per_scale']):
+        assert a.shape == (2, pn * pn) and a.dtype == torch.int64
+        assert torch.equal(a, b), f'scale {pn}'
+    assert torch.equal(torch.cat(idx, 1), fx['gt_idx_cat'])
+
+
+def test_fixture_tf_input(fx, fx_vae):
+    with torch.no_grad():
+        x = fx_vae.tf_input(fx['gt_idx_per_scale'], fx['scales'])
+    assert x.shape == (2, 102, 32)
+    torch.testing.assert_close(x, fx['tf_input'], atol=1e-4, rtol=0)
+
+
+def test_fixture_decodes(fx, fx_vae):
+    with torch.no_grad():
+        last = fx_vae.decode_code(fx['gt_idx_per_scale'][-1], 8)
+        s3 = fx_vae.decode_code(fx['gt_idx_per_scale'][2], 3)
+    assert last.shape == (2, 3, 128, 128) and s3.shape == (2, 3, 48, 48)
+    torch.testing.assert_close(last, fx['vae_decode_last_scale'], atol=1e-3, rtol=0)
+    torch.testing.assert_close(s3, fx['vae_decode_scale3'], atol=1e-3, rtol=0)
+
+
+def test_fixture_load_tokenizer_official_layout(fx, tmp_path):
+    # our checkpoint format with the fixture's config loads strictly and gives the same latent
+    c = fx['vae_config']
+    cfg = dict(codebook_size=c['codebook_size'], codebook_dim=c['codebook_embed_dim'], z_channels=c['z_channels'],
+               ch=c['base_ch'], ch_mult=tuple(c['encoder_ch_mult']), num_res_blocks=c['num_res_blocks'])
+    T.save_atomic({'config': cfg, 'model': fx['vae_state_dict'], 'scales': [1, 2, 3, 5, 8], 'image_size': 128},
+                  tmp_path / 'tok.pt')
+    vae = T.load_tokenizer(tmp_path / 'tok.pt')
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    assert vae.scales == [1, 2, 3, 5, 8] and vae.image_size == 128
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode_conti(fx['images']), fx['vae_h_conti'], atol=1e-4, rtol=0)
+    # the official layout {'model': sd} without a config means the real FlexVAE: the tiny weights must not fit,
+    # and the error names the offending keys
+    T.save_atomic({'model': fx['vae_state_dict']}, tmp_path / 'official.pt')
+    with pytest.raises(ValueError) as e:
+        T.load_tokenizer(tmp_path / 'official.pt')
+    msg = str(e.value)
+    assert 'mis-shaped' in msg and 'encoder.conv_in.weight' in msg and 'missing' in msg
+
+
+def test_real_flexvae_size():
+    with torch.device('meta'):
+        vae = T.VQVAE()  # defaults = the released FlexVAE
+    sd = vae.state_dict()
+    assert len(sd) == 344
+    assert sum(p.numel() for p in vae.parameters()) == 72_049_827
+    assert vae.downsample == 16
+    assert sd['quantize.codebook_used'].shape == (65536,)
+    assert sd['quantize.embedding.weight'].shape == (8912, 32)
+    assert sd['quant_conv.weight'].shape == (32, 256, 1, 1)
+    assert sd['post_quant_conv.weight'].shape == (256, 32, 1, 1)
+    assert sd['decoder.conv_in.weight'].shape == (512, 256, 3, 3)
+    assert sd['encoder.conv_out.weight'].shape == (256, 512, 3, 3)
+    nin = sorted(k for k in sd if 'nin_shortcut.weight' in k)
+    assert nin == ['decoder.conv_blocks.1.res.0.nin_shortcut.weight', 'decoder.conv_blocks.3.res.0.nin_shortcut.weight',
+                   'encoder.conv_blocks.2.res.0.nin_shortcut.weight', 'encoder.conv_blocks.4.res.0.nin_shortcut.weight']
+    assert sd['encoder.conv_blocks.2.res.0.nin_shortcut.weight'].shape == (256, 128, 1, 1)
+    assert sd['decoder.conv_blocks.1.res.0.nin_shortcut.weight'].shape == (256, 512, 1, 1)
+    assert len([k for k in sd if k.startswith('decoder.conv_blocks.0.attn.') and k.endswith('q.weight')]) == 3
+    assert not any(k.startswith('encoder.conv_blocks.3.attn') for k in sd)
+
+
+# ----------------------------------------------------------------------------- quantization and scales
+
+def small_tok(**kw):
+    cfg = dict(codebook_size=64, codebook_dim=8, z_channels=16, ch=16, ch_mult=(1, 2), num_res_blocks=1)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return T.VQVAE(**cfg).eval()
+
+
+def test_quantize_is_nearest_code_brute_force():
+    vae = small_tok()
+    z = torch.randn(3, 8, 5, 7)
+    idx = vae.quantize(z)
+    assert idx.shape == (3, 35) and idx.dtype == torch.int64
+    # brute force in float64: Euclidean distance between unit vectors, one position at a time, row-major order
+    cb = vae.quantize.embedding.weight.double()
+    cb = cb / cb.norm(dim=1, keepdim=True)
+    for b in range(3):
+        for y in range(5):
+            for x in range(7):
+                v = z[b, :, y, x].double()
+                v = v / v.norm()
+                best = int(((cb - v) ** 2).sum(1).argmin())
+                assert idx[b, y * 7 + x].item() == best
+    # the embedded vectors are unit-norm codebook rows at those indices
+    e = vae.codebook()[idx]
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(3, 35))
+
+
+def test_tokenize_embed_upsample_tf_input():
+    vae = small_tok()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    scales = [1, 2, 3, 8]
+    idx = vae.tokenize(x, scales)
+    assert [t.shape for t in idx] == [(2, 1), (2, 4), (2, 9), (2, 64)]
+    h = vae.encode_conti(x)
+    # scale 1 = the quantized mean of the latent; full scale = the latent itself (area pooling is exact there)
+    assert torch.equal(idx[0], vae.quantize(h.mean((2, 3), keepdim=True)))
+    assert torch.equal(idx[-1], vae.quantize(h))
+    e = vae.embed(idx[2], 3)
+    assert e.shape == (2, 8, 3, 3)
+    torch.testing.assert_close(e[1, :, 2, 0], vae.codebook()[idx[2][1, 6]])  # row-major: (y=2, x=0) -> 6
+    tf = vae.tf_input(idx, scales)
+    assert tf.shape == (2, 4 + 9 + 64, 8)
+    # bicubic upsampling of a 1x1 map is constant: the first 4 inputs all equal the scale-1 code
+    torch.testing.assert_close(tf[:, :4], vae.codebook()[idx[0]].expand(2, 4, 8))
+    up = F.interpolate(vae.embed(idx[2], 3), size=(8, 8), mode='bicubic', align_corners=False)
+    torch.testing.assert_close(tf[:, 13:], up.flatten(2).transpose(1, 2))
+    with torch.no_grad():
+        assert vae.decode_code(idx[1], 2).shape == (2, 3, 4, 4)
+        assert vae.decode_code(idx[-1], 8).shape == (2, 3, 16, 16)
+
+
+def test_load_tokenizer_mismatch_lists_keys(tmp_path):
+    vae = small_tok()
+    sd = vae.state_dict()
+    sd['extra.weight'] = torch.zeros(1)
+    del sd['post_quant_conv.bias']
+    T.save_atomic({'config': vae.config, 'model': sd}, tmp_path / 'x.pt')
+    with pytest.raises(ValueError) as e:
+        T.load_tokenizer(tmp_path / 'x.pt')
+    assert 'extra.weight' in str(e.value) and 'post_quant_conv.bias' in str(e.value)
+    with pytest.raises(FileNotFoundError) as e:
+        T.load_tokenizer(tmp_path / 'nope.pt')
+    assert 'nope.pt' in str(e.value)
+
+
+# ----------------------------------------------------------------------------- checkpoint I/O
+
+def test_save_atomic_and_load_checkpoint(tmp_path):
+    p = tmp_path / 'sub' / 'ck.pt'
+    T.save_atomic({'step': 3, 'w': torch.arange(4)}, p)
+    assert os.listdir(p.parent) == ['ck.pt']  # no temporary file left behind
+    ck = T.load_checkpoint(p)
+    assert ck['step'] == 3 and torch.equal(ck['w'], torch.arange(4))
+    # a failing write keeps the previous file intact and removes the temporary file
+    with pytest.raises(Exception):
+        T.save_atomic({'f': lambda: 0}, p)  # lambdas cannot be pickled
+    assert os.listdir(p.parent) == ['ck.pt'] and T.load_checkpoint(p)['step'] == 3
+    # objects outside the weights_only allow-list need the trust flag
+    import argparse
+    T.save_atomic({'args': argparse.Namespace(a=1)}, p)
+    with pytest.raises(RuntimeError, match='trust'):
+        T.load_checkpoint(p)
+    assert T.load_checkpoint(p, trust=True)['args'].a == 1
+    with pytest.raises(FileNotFoundError, match='missing.pt'):
+        T.load_checkpoint(tmp_path / 'missing.pt')
+
+
+def test_save_image_grid(tmp_path):
+    imgs = torch.full((5, 3, 4, 6), -1.0)
+    imgs[1] = 1.0
+    T.save_image_grid(imgs, tmp_path / 'g.png', nrow=3)
+    a = np.asarray(Image.open(tmp_path / 'g.png'))
+    assert a.shape == (2 + 2 * (4 + 2), 2 + 3 * (6 + 2), 3)  # 2 rows x 3 columns with 2 px gaps
+    assert (a[2:6, 2:8] == 0).all() and (a[2:6, 10:16] == 255).all()
+    assert not os.path.exists(str(tmp_path / 'g.png') + '.tmp')
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_toy_dataset_deterministic_and_class_dependent():
+    a = T.load_dataset('toy', 32, 'train', seed=0)
+    b = T.load_dataset('toy', 32, 'train', seed=0)
+    c = T.load_dataset('toy', 32, 'train', seed=1)
+    v = T.load_dataset('toy', 32, 'val', seed=0)
+    assert a.num_classes == 10 and len(a.class_names) == 10 and len(a) == len(a.labels) > len(v) > 0
+    x0, y0 = a[123]
+    assert x0.shape == (3, 32, 32) and x0.dtype == torch.float32 and -1 <= x0.min() and x0.max() <= 1
+    assert torch.equal(x0, b[123][0]) and y0 == b[123][1] == a.labels[123]
+    assert not torch.equal(x0, c[123][0])  # the seed changes the images
+    assert not torch.equal(a[5][0], v[5][0])  # train and val are different samples
+    assert np.bincount(a.labels).min() == np.bincount(a.labels).max()  # balanced classes
+    # class decides the global structure: a nearest-class-mean classifier on raw pixels separates the classes
+    tr = torch.stack([a[i][0] for i in range(300)]).flatten(1)
+    ytr = torch.tensor(a.labels[:300])
+    means = torch.stack([tr[ytr == k].mean(0) for k in range(10)])
+    te = torch.stack([v[i][0] for i in range(100)]).flatten(1)
+    acc = (torch.cdist(te, means).argmin(1) == torch.tensor(v.labels[:100])).float().mean()
+    assert acc > 0.8, acc
+    # within-class variation: two samples of the same class differ noticeably
+    assert (a[0][0] - a[10][0]).abs().mean() > 0.05
+    all_ = T.load_dataset('toy', 16, 'all')
+    assert len(all_) == len(a) + len(v) and all_[len(a)][0].shape == (3, 16, 16)
+
+
+def make_folder(root):
+    """Class folders 'cat' and 'ant' with good images in several modes and four bad files."""
+    os.makedirs(root / 'cat')
+    os.makedirs(root / 'ant' / 'nested')
+    good = {}
+    Image.new('RGB', (40, 30), (200, 10, 10)).save(root / 'cat' / 'red.png'); good['red'] = (200, 10, 10)
+    Image.new('RGB', (32, 32), (10, 200, 10)).save(root / 'cat' / 'green.jpg', quality=95); good['green'] = (10, 200, 10)
+    Image.new('L', (32, 32), 100).save(root / 'ant' / 'gray.png'); good['gray'] = (100, 100, 100)
+    Image.new('CMYK', (32, 32), (0, 255, 255, 0)).save(root / 'ant' / 'cmyk.jpg', quality=95); good['cmyk'] = (255, 0, 0)
+    Image.new('RGBA', (32, 32), (10, 20, 230, 128)).save(root / 'ant' / 'nested' / 'rgba.png'); good['rgba'] = (10, 20, 230)
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(root / 'ant' / 'deep16.png')
+    good['deep16'] = (156, 156, 156)  # 40000 / 257 = 155.6
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, 'JPEG')
+    (root / 'cat' / 'truncated.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / 'cat' / 'empty.png').write_bytes(b'')
+    (root / 'cat' / 'notes.txt').write_text('not an image')
+    (root / 'ant' / 'fake.jpg').write_text('not a jpeg either')
+    return good
+
+
+def test_image_folder_good_and_bad_files(tmp_path, capsys):
+    good = make_folder(tmp_path)
+    ds = T.load_dataset(str(tmp_path), 16, 'all')
+    err = capsys.readouterr().err
+    assert ds.class_names == ['ant', 'cat'] and ds.num_classes == 2  # sorted names -> ids
+    assert 'skipped 3' in err and str(tmp_path) in err  # empty.png, notes.txt, fake.jpg found when listing
+    assert len(ds) == 7  # 6 good + the truncated JPEG, whose header is fine
+    seen = {}
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (3, 16, 16) and torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
+        name = os.path.splitext(os.path.basename(ds.files[i]))[0]
+        seen[name] = (x, y)
+    err = capsys.readouterr().err
+    assert 'truncated.jpg' in err and 'skipped' in err  # reported when first decoded
+    assert ds.labels[ds.files.index(str(tmp_path / 'cat' / 'red.png'))] == 1
+    for name, rgb in good.items():
+        x, _ = seen[name]
+        got = ((x.mean((1, 2)) + 1) * 127.5).tolist()
+        assert np.allclose(got, rgb, atol=4), (name, got, rgb)
+    # the truncated file's slot was filled with another good image
+    assert any(torch.equal(seen['truncated'][0], seen[n][0]) for n in good)
+
+
+def test_image_folder_split_and_train_val_layout(tmp_path):
+    for c in ('a', 'b'):
+        os.makedirs(tmp_path / 'flat' / c)
+        for i in range(20):
+            Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'flat' / c / f'{i}.png')
+    tr = T.load_dataset(str(tmp_path / 'flat'), 8, 'train')
+    va = T.load_dataset(str(tmp_path / 'flat'), 8, 'val')
+    assert len(tr) + len(va) == 40 and len(va) == 2 and sorted(va.labels) == [0, 1]  # 5%, stratified
+    assert not set(tr.files) & set(va.files)
+    assert va.files == T.load_dataset(str(tmp_path / 'flat'), 8, 'val').files  # deterministic
+    for s in ('train', 'val'):
+        os.makedirs(tmp_path / 'tv' / s / 'k')
+        Image.new('RGB', (8, 8)).save(tmp_path / 'tv' / s / 'k' / f'{s}.png')
+    assert T.load_dataset(str(tmp_path / 'tv'), 8, 'val').files[0].endswith('val.png')
+    assert len(T.load_dataset(str(tmp_path / 'tv'), 8, 'all')) == 2
+
+
+def test_missing_or_empty_dataset_names_path(tmp_path):
+    for bad in (tmp_path / 'nope', tmp_path / 'empty', tmp_path / 'noimg'):
+        if bad.name != 'nope':
+            os.makedirs(bad / 'cls')
+        if bad.name == 'noimg':
+            (bad / 'cls' / 'a.txt').write_text('x')
+        with pytest.raises(T.DataError) as e:
+            T.load_dataset(str(bad), 32)
+        assert str(bad) in str(e.value)
+    (tmp_path / 'x.npz').write_bytes(b'junk')
+    with pytest.raises(T.DataError, match='x.npz'):
+        T.load_dataset(str(tmp_path / 'x.npz'), 32)
+
+
+def test_npz_reader_nhw_and_nhwc(tmp_path):
+    rng = np.random.default_rng(0)
+    nhw = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    labels = np.arange(40) % 4
+    np.savez(tmp_path / 'g.npz', images=nhw, labels=labels)
+    ds = T.load_dataset(str(tmp_path / 'g.npz'), 28, 'all')
+    x, y = ds[7]
+    assert x.shape == (3, 28, 28) and y == 3 and ds.num_classes == 4
+    torch.testing.assert_close(x[1], torch.from_numpy(nhw[7]).float() / 127.5 - 1)  # grey copied to all channels
+    nhwc = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'c.npz', images=nhwc, labels=labels)
+    ds = T.load_dataset(str(tmp_path / 'c.npz'), 16, 'all')
+    torch.testing.assert_close(ds[5][0], torch.from_numpy(nhwc[5]).permute(2, 0, 1).float() / 127.5 - 1)
+    assert T.load_dataset(str(tmp_path / 'c.npz'), 8, 'all')[0][0].shape == (3, 8, 8)  # resized
+    tr, va = (T.load_dataset(str(tmp_path / 'c.npz'), 16, s) for s in ('train', 'val'))
+    assert len(tr) + len(va) == 40 and len(va) == 2
+    np.savez(tmp_path / 'f.npz', images=nhwc.astype(np.float32))
+    with pytest.raises(T.DataError, match='uint8'):
+        T.load_dataset(str(tmp_path / 'f.npz'), 16)
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST), reason='shared MNIST missing')
+def test_mnist_reader_split_and_padding():
+    tr = T.load_dataset(MNIST, 32, 'train')
+    va = T.load_dataset(MNIST, 32, 'val')
+    assert (len(tr), len(va)) == (8000, 2000) and tr.num_classes == 10
+    # stratified: each class has 20% of its test-split images in val (counts from the MNIST README)
+    counts = np.array([980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    assert np.abs(np.bincount(va.labels, minlength=10) - 0.2 * counts).max() <= 1
+    x, y = va[0]
+    assert x.shape == (3, 32, 32) and 0 <= y <= 9
+    assert (x[:, :2, :] == -1).all() and (x[:, :, -2:] == -1).all()  # padded with black, not resized
+    assert torch.equal(x[0], x[2]) and x.max() > 0.9
+    assert T.load_dataset(MNIST, 64, 'val')[0][0].shape == (3, 64, 64)
+
+
+# ----------------------------------------------------------------------------- CLI and training
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, 'tokenizer.py'), *args], capture_output=True,
+                          text=True, cwd=HERE, timeout=120, env=dict(os.environ, TQDM_DISABLE='1'))
+
+
+def test_help_documents_every_flag():
+    parser = T.get_parser()
+    opts = [a for a in parser._actions if a.option_strings and a.dest != 'help']
+    assert {'--data', '--image-size', '--out', '--steps', '--batch-size', '--lr', '--codebook-size', '--codebook-dim',
+            '--ch', '--ch-mult', '--z-channels', '--num-res-blocks', '--scales', '--ckpt-every', '--resume', '--seed',
+            '--device', '--workers', '--eval-only'} <= {s for a in opts for s in a.option_strings}
+    for a in opts:
+        assert a.help and len(a.help) > 10, a.option_strings
+    r = run_cli('--help')
+    assert r.returncode == 0
+    for a in opts:
+        assert a.option_strings[0] in r.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, needle in ((['--data', str(tmp_path / 'missing')], 'missing'),
+                         (['--scales', '1,3,2'], 'increasing'),
+                         (['--scales', '1,2,16'], 'latent')):
+        r = run_cli(*args, '--steps', '1', '--out', str(tmp_path / 'o.pt'))
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error:') and needle in lines[0], r.stderr
+    assert not os.path.exists(tmp_path / 'o.pt')
+
+
+TINY = ['--data', 'toy', '--image-size', '16', '--ch', '8', '--ch-mult', '1,2', '--z-channels', '8',
+        '--num-res-blocks', '1', '--codebook-size', '16', '--codebook-dim', '4', '--scales', '1,2,4,8',
+        '--batch-size', '4', '--eval-images', '8', '--ckpt-every', '2']
+
+
+def test_train_smoke_checkpoint_and_resume(tmp_path, capsys):
+    out = str(tmp_path / 'tok.pt')
+    T.main(TINY + ['--steps', '3', '--out', out])
+    ck = T.load_checkpoint(out)
+    assert ck['step'] == 3 and ck['scales'] == [1, 2, 4, 8] and ck['image_size'] == 16
+    assert ck['config']['codebook_size'] == 16 and not os.path.exists(out + '.tmp')
+    printed = capsys.readouterr().out
+    assert 'PSNR' in printed and all(f'  {pn}  ' in printed for pn in (1, 2, 4, 8))
+    assert os.path.exists(str(tmp_path / 'tok_recon.png'))
+    w3 = ck['model']['decoder.conv_out.weight']
+    T.main(TINY + ['--steps', '5', '--out', out, '--resume'])
+    assert 'resumed' in capsys.readouterr().out
+    ck = T.load_checkpoint(out)
+    assert ck['step'] == 5 and not torch.equal(ck['model']['decoder.conv_out.weight'], w3)
+    vae = T.load_tokenizer(out)
+    assert vae.scales == [1, 2, 4, 8] and vae.image_size == 16 and vae.downsample == 2
+    # the PNG has one row of originals plus one row per scale
+    png = np.asarray(Image.open(str(tmp_path / 'tok_recon.png')))
+    assert png.shape[0] == 2 + 5 * (16 + 2)

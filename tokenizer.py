@@ -16,31 +16,41 @@ import argparse
 import gzip
 import math
 import os
+import pickle
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 # -----------------------------------------------------------------------------
 # 1. small I/O helpers
 
 
-def save_atomic(obj, path):
-    """torch.save that never leaves a half-written file: write path.tmp in the same dir, fsync, rename."""
+def atomic_write(path, write):
+    """Call write(f) on path.tmp (same directory), fsync, then rename over path: readers see the old file or the
+    complete new one, never a half-written one. The temporary file is removed if write fails."""
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX and Windows when src/dst are on the same filesystem
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic when source and target are on the same filesystem
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_atomic(obj, path):
+    """torch.save that never leaves a half-written file (see atomic_write); creates the parent directory."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, trust=False):
@@ -53,15 +63,14 @@ def load_checkpoint(path, trust=False):
         return torch.load(path, map_location='cpu', weights_only=False)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle_error_types() as e:
-        raise RuntimeError(f"{path} contains Python objects that weights_only loading refuses ({str(e).splitlines()[0]}); "
-                           f"if you trust this file, load it again with the trust flag (--trust / trust=True)") from None
-
-
-def pickle_error_types():
-    # torch raises UnpicklingError (a pickle error) for forbidden globals; keep RuntimeError for older torch versions
-    import pickle
-    return (pickle.UnpicklingError, RuntimeError, AttributeError)
+    except pickle.UnpicklingError as e:  # what torch raises for anything outside the weights_only allow-list
+        msg = str(e)
+        detail = msg[msg.index('Unsupported global'):].split(' was not')[0] if 'Unsupported global' in msg else None
+        if detail:
+            raise RuntimeError(f"{path} needs arbitrary unpickling ({detail}); if you trust this file, "
+                               f"pass the trust flag (--trust / trust=True)") from None
+        raise RuntimeError(f"cannot read {path} as a checkpoint with weights_only=True (corrupt, or an old pickle "
+                           f"format: only if you trust the file, retry with --trust / trust=True)") from None
 
 
 def to_uint8(images):
@@ -81,14 +90,7 @@ def save_image_grid(images, path, nrow):
     for i in range(n):
         r, c = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        Image.fromarray(grid).save(f, format='PNG')
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format='PNG'))
 
 # -----------------------------------------------------------------------------
 # 2. image data
@@ -129,7 +131,7 @@ def resize_center_crop(img, size):
 
 def to_tensor(arr, flip):
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1], optionally mirrored left-right."""
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    x = torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
     if flip and torch.rand(()) < 0.5:  # DataLoader seeds torch's RNG per worker, so this is reproducible
         x = x.flip(-1)
     return x
@@ -368,7 +370,7 @@ def toy_image(label, rng, size):
     cx, cy = rng.uniform(-0.2, 0.2, 2)  # position jitter
     r = rng.uniform(0.4, 0.6)  # size jitter
     col = np.clip(TOY_COLOURS[label] + rng.normal(0, 0.07, 3), 0, 1)  # colour jitter
-    # background: a muted vertical gradient between two random greys-ish colours
+    # background: a muted vertical gradient between two random dark colours
     b0, b1 = rng.uniform(0.05, 0.45, 3), rng.uniform(0.05, 0.45, 3)
     w = (y[..., None] + 1) / 2
     img = b0 * (1 - w) + b1 * w  # (S, S, 3)
@@ -383,9 +385,9 @@ def toy_image(label, rng, size):
         m = soft(np.maximum(abs(X), abs(Y)) - r * 0.8)
     elif label == 2:  # upward triangle: three half-planes at inradius r/2 (y points down)
         m = soft(np.maximum(Y, np.maximum(0.866 * X - 0.5 * Y, -0.866 * X - 0.5 * Y)) - r * 0.5)
-    elif label == 3:  # horizontal stripes, 3 bands
+    elif label == 3:  # horizontal stripes, period 1.6 r
         m = soft((np.abs(((Y / (r * 0.8)) % 2) - 1) - 0.5) * r * 0.8)
-    elif label == 4:  # vertical stripes, 3 bands
+    elif label == 4:  # vertical stripes, period 1.6 r
         m = soft((np.abs(((X / (r * 0.8)) % 2) - 1) - 0.5) * r * 0.8)
     elif label == 5:  # two discs side by side
         d = np.minimum(np.hypot(X - r * 0.75, Y), np.hypot(X + r * 0.75, Y)) - r * 0.5
@@ -725,13 +727,14 @@ def vq_losses(model, h, pn, x, beta):
     return F.mse_loss(rec, image_at(x, pn, model.downsample)), cb + beta * commit, rec, idx
 
 
-def restart_dead_codes(model, opt, usage, h):
-    """Codes unused for a while are moved onto random (normalised) encoder outputs of the current batch, so the whole
-    codebook stays in use (LlamaGen-style VQ otherwise tends to leave many codes dead). Their Adam moments reset."""
-    dead = (usage < 1e-3).nonzero().flatten()
+def restart_dead_codes(model, opt, last_used, step, h, patience):
+    """Codes not chosen during the last `patience` steps are moved onto random (normalised) encoder outputs of the
+    current batch, so the whole codebook stays in use (VQ training otherwise leaves many codes dead, and a code that
+    is never chosen gets no gradient). Their Adam moments are reset. Returns the number of restarted codes."""
+    dead = (last_used < step - patience).nonzero().flatten()
     if len(dead) == 0:
         return 0
-    z = F.normalize(h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1)
+    z = F.normalize(h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1)  # (N, Cvae)
     pick = z[torch.randint(len(z), (len(dead),), device=z.device)]
     w = model.quantize.embedding.weight
     with torch.no_grad():
@@ -739,7 +742,7 @@ def restart_dead_codes(model, opt, usage, h):
     for k in ('exp_avg', 'exp_avg_sq'):
         if k in opt.state.get(w, {}):
             opt.state[w][k][dead] = 0
-    usage[dead] = 1.0 / len(usage)  # give the new codes some grace time before they can be restarted again
+    last_used[dead] = step  # grace period before a restarted code can be restarted again
     return len(dead)
 
 
@@ -861,7 +864,7 @@ def train(args):
     val_ds = load_dataset(args.data, args.image_size, 'val', seed=args.seed)
     model = VQVAE(**config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    usage = torch.full((args.codebook_size,), 1.0 / args.codebook_size, device=device)  # EMA of code frequencies
+    last_used = torch.zeros(args.codebook_size, dtype=torch.long, device=device)  # last step each code was chosen
     step = 0
     if args.resume and os.path.exists(args.out):
         ck = load_checkpoint(args.out, trust=args.trust)
@@ -869,7 +872,7 @@ def train(args):
             raise ValueError(f"--resume: {args.out} was trained with {ck.get('config')}, not {config}")
         model.load_state_dict(ck['model'])
         opt.load_state_dict(ck['optimizer'])
-        usage = ck['usage'].to(device)
+        last_used = ck['last_used'].to(device)
         step = ck['step']
         print(f"resumed {args.out} at step {step}")
     elif args.resume:
@@ -877,12 +880,13 @@ def train(args):
 
     def save():
         save_atomic({'config': config, 'model': model.state_dict(), 'optimizer': opt.state_dict(), 'step': step,
-                     'usage': usage.cpu(), 'image_size': args.image_size, 'scales': scales,
+                     'last_used': last_used.cpu(), 'image_size': args.image_size, 'scales': scales,
                      'args': {k: v for k, v in vars(args).items()}}, args.out)
 
     model.train()
     batches = infinite_batches(train_ds, args, step)
-    coarse = scales[:-1]
+    latent = args.image_size // model.downsample
+    coarse = [pn for pn in scales if pn < latent]  # the finest loss always uses the full latent
     bar = tqdm(total=args.steps, initial=step, desc='tokenizer', dynamic_ncols=True)
     t0 = time.time()
     while step < args.steps:
@@ -901,10 +905,9 @@ def train(args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():  # code usage EMA (finest scale) and dead-code restarts during the first 80%
-            usage.mul_(0.99).add_(0.01 * torch.bincount(idx.flatten(), minlength=len(usage)).float() / idx.numel())
-            if step % 50 == 49 and step < 0.8 * args.steps:
-                restart_dead_codes(model, opt, usage, h)
+        last_used[idx.flatten()] = step  # finest-scale code usage
+        if step % 25 == 24 and step < 0.8 * args.steps:  # dead-code restarts, then let the codebook settle
+            restart_dead_codes(model, opt, last_used, step, h, patience=50)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(rec.detach(), x):.2f}")

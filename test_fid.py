@@ -1,0 +1,784 @@
+"""
+CPU tests of fid.py (no network, no pretrained Inception weights): closed forms and oracles for the metrics,
+the Inception key list against the published checksum, synthetic weight files, preprocessing against an
+independent NumPy reference, the input formats, the CLI, and the domain classifier.
+Run: python -m pytest -q test_fid.py
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+import fid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MNIST = os.path.join(HERE, '..', 'shared', 'data', 'mnist')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # on a busy 2-core machine one torch thread is several times faster than two (see fid.single_thread)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch, tmp_path):
+    """Every test runs with downloads blocked and an empty torch hub cache."""
+    def blocked(*a, **k):
+        raise OSError("network blocked in tests")
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', blocked)
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', blocked)
+    monkeypatch.setattr('urllib.request.urlopen', blocked)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setattr(torch.hub, '_hub_dir', None)  # re-read TORCH_HOME
+
+
+def rand_spd(rng, d, n=None):
+    a = rng.normal(size=(n or 2 * d, d))
+    return a.T @ a / len(a) + 0.1 * np.eye(d)
+
+
+def rand_orthogonal(rng, d):
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    return q * np.sign(np.diag(r))
+
+# -----------------------------------------------------------------------------
+# Frechet distance
+
+
+def test_fd_closed_form_diagonal_and_commuting():
+    rng = np.random.default_rng(0)
+    d = 50
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    v1, v2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    expect = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expect, rel=1e-10)
+    q = rand_orthogonal(rng, d)  # simultaneously diagonalisable full covariances: same closed form
+    got = fid.frechet_distance(mu1, q @ np.diag(v1) @ q.T, mu2, q @ np.diag(v2) @ q.T)
+    assert got == pytest.approx(expect, rel=1e-9)
+
+
+def test_fd_equal_covariances_is_squared_mean_distance():
+    rng = np.random.default_rng(1)
+    d = 2048
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    assert fid.frechet_distance(mu1, np.eye(d), mu2, np.eye(d)) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-12)
+    s = rand_spd(rng, 64)
+    assert fid.frechet_distance(mu1[:64], s, mu2[:64], s) == pytest.approx(((mu1[:64] - mu2[:64]) ** 2).sum(), rel=1e-8)
+
+
+def test_fd_identical_stats_is_zero_up_to_rounding():
+    rng = np.random.default_rng(2)
+    for n in (500, 40):  # full rank, and rank-deficient (N < d: rounding-level eigenvalues must not add up)
+        mu, s = fid.gaussian_stats(rng.normal(size=(n, 128)) @ rng.normal(size=(128, 128)))
+        assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-8 * np.trace(s)
+
+
+def test_gaussian_stats_are_numpy_mean_and_unbiased_cov():
+    a = np.random.default_rng(12).normal(size=(50, 7)).astype(np.float32)
+    mu, sigma = fid.gaussian_stats(a)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, a.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(a.astype(np.float64), rowvar=False), rtol=1e-10)  # N - 1
+
+
+def test_fd_invariances():
+    rng = np.random.default_rng(3)
+    d = 32
+    a = rng.normal(size=(400, d)) @ rng.normal(size=(d, d))
+    b = rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) + 0.5
+
+    def fd(x, y):
+        return fid.frechet_distance(*fid.gaussian_stats(x), *fid.gaussian_stats(y))
+    base = fd(a, b)
+    assert base > 1
+    assert fd(b, a) == pytest.approx(base, rel=1e-9)  # symmetric
+    q = rand_orthogonal(rng, d)
+    assert fd(a @ q, b @ q) == pytest.approx(base, rel=1e-9)  # rotation (NHWC vs NCHW order is a permutation)
+    perm = rng.permutation(d)
+    assert fd(a[:, perm], b[:, perm]) == pytest.approx(base, rel=1e-9)
+    shift = rng.normal(size=d) * 10
+    assert fd(a + shift, b + shift) == pytest.approx(base, rel=1e-9)
+    assert fd(3 * a, 3 * b) == pytest.approx(9 * base, rel=1e-9)
+
+
+@pytest.mark.parametrize('d', [64, 256])
+def test_fd_matches_scipy_sqrtm(d):
+    rng = np.random.default_rng(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = rand_spd(rng, d), rand_spd(rng, d)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)  # the TTUR / pytorch-fid formula, used only as an oracle
+    oracle = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(oracle, rel=1e-8)
+
+
+def test_fd_rank_deficient_and_monte_carlo():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(100, 256)), rng.normal(size=(100, 256)) + 0.1  # N < d: singular covariances
+    v = fid.frechet_distance(*fid.gaussian_stats(a), *fid.gaussian_stats(b))
+    assert np.isfinite(v) and v > 0
+    # samples of N(0, I) and N(m, diag(4)) in d=4: FD = |m|^2 + 4 * (2-1)^2; the estimate converges as N grows
+    d, m = 4, np.array([1.0, 0, 0, 0])
+    truth = 1.0 + 4.0
+
+    def err(n):
+        return np.mean([abs(fid.frechet_distance(*fid.gaussian_stats(r.normal(size=(n, d))),
+                                                 *fid.gaussian_stats(m + 2 * r.normal(size=(n, d)))) - truth)
+                        for r in map(np.random.default_rng, range(10))])
+    e_small, e_large = err(50), err(20000)
+    assert e_large < 0.05 and e_large < e_small / 5
+
+# -----------------------------------------------------------------------------
+# Inception Score
+
+
+def test_is_uniform_predictions_is_one():
+    mean, std = fid.inception_score(np.zeros((300, 1008)))
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == 0
+
+
+@pytest.mark.parametrize('k', [10, 1008])
+def test_is_confident_balanced_classes_is_k(k):
+    n = 3 * k
+    logits = np.zeros((n, 1008))
+    logits[np.arange(n), np.arange(n) % k] = 50.0
+    assert fid.inception_score(logits)[0] == pytest.approx(k, rel=1e-6)
+
+
+def test_is_splits_of_5000_like_adm():
+    # 12,000 samples -> splits 5000 / 5000 / 2000: one class, 2 balanced classes, 4 balanced classes
+    logits = np.zeros((12000, 1008), np.float32)
+    cls = np.concatenate([np.zeros(5000, int), np.arange(5000) % 2, np.arange(2000) % 4])
+    logits[np.arange(12000), cls] = 50.0
+    mean, std = fid.inception_score(logits)
+    assert mean == pytest.approx(7 / 3, rel=1e-6) and std == pytest.approx(np.std([1, 2, 4]), rel=1e-6)
+    perm = np.concatenate([np.random.default_rng(0).permutation(5000), 5000 + np.arange(7000)])
+    assert fid.inception_score(logits[perm])[0] == pytest.approx(mean, rel=1e-12)  # order within a split: no effect
+    # one split of everything: one-hot predictions -> IS = exp(entropy of the class marginal) = 8000/3000/500/500
+    p = np.array([8000, 3000, 500, 500]) / 12000
+    assert fid.inception_score(logits, split_size=12000)[0] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+
+# -----------------------------------------------------------------------------
+# precision / recall
+
+
+def test_pr_identical_and_far_apart():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(200, 8))
+    assert fid.precision_recall(a, a) == (1.0, 1.0)
+    assert fid.precision_recall(a, a + 100.0) == (0.0, 0.0)
+
+
+def test_pr_hand_computed_1d():
+    # ref 0,1,2,3,10: squared 3rd-NN radii (self excluded) 9, 4, 4, 9, 81
+    # gen -4 (out), 5.5 (within 3 of 3 -> in), 20 (100 > 81: out), 13 (9 <= 81: in) -> precision 2/4
+    # gen radii are 576, 210.25, 576, 289: every ref point lies within 24 of -4 -> recall 1
+    ref = np.array([[0.0], [1], [2], [3], [10]])
+    gen = np.array([[-4.0], [5.5], [20], [13]])
+    assert fid.precision_recall(ref, gen) == (0.5, 1.0)
+    r = fid.knn_radii(torch.tensor(ref, dtype=torch.float32))
+    assert r.tolist() == [9, 4, 4, 9, 81]
+
+
+def brute_force_pr(ref, gen, k=3):
+    def radii(x):
+        d = ((x[:, None] - x[None]) ** 2).sum(-1)
+        return np.sort(d, 1)[:, k]
+
+    def cover(x, c, r):
+        return np.mean([any(((p - c) ** 2).sum(-1) <= r) for p in x])
+    return cover(gen, ref, radii(ref)), cover(ref, gen, radii(gen))
+
+
+@pytest.mark.parametrize('n_ref,n_gen,d', [(300, 250, 16), (200, 500, 32)])
+def test_pr_matches_brute_force_any_block(n_ref, n_gen, d):
+    rng = np.random.default_rng(d)
+    ref, gen = rng.normal(size=(n_ref, d)), rng.normal(size=(n_gen, d)) * 1.2 + 0.3
+    expect = brute_force_pr(ref, gen)
+    assert 0 < expect[0] < 1 and 0 < expect[1] < 1
+    assert fid.precision_recall(ref, gen, block=10000) == pytest.approx(expect, abs=1e-12)
+    assert fid.precision_recall(ref, gen, block=7) == pytest.approx(expect, abs=1e-12)
+
+# -----------------------------------------------------------------------------
+# the Inception network and its weights
+
+# conv weight shape (out, in, kh, kw) of each of the 94 BasicConv2d, i.e. the published key list: each contributes
+# P.conv.weight and P.bn.{weight,bias,running_mean,running_var}; plus fc.weight (1008, 2048), fc.bias (1008,)
+CONV_TABLE = """
+Conv2d_1a_3x3 32 3 3 3
+Conv2d_2a_3x3 32 32 3 3
+Conv2d_2b_3x3 64 32 3 3
+Conv2d_3b_1x1 80 64 1 1
+Conv2d_4a_3x3 192 80 3 3
+Mixed_5b.branch1x1 64 192 1 1
+Mixed_5b.branch5x5_1 48 192 1 1
+Mixed_5b.branch5x5_2 64 48 5 5
+Mixed_5b.branch3x3dbl_1 64 192 1 1
+Mixed_5b.branch3x3dbl_2 96 64 3 3
+Mixed_5b.branch3x3dbl_3 96 96 3 3
+Mixed_5b.branch_pool 32 192 1 1
+Mixed_5c.branch1x1 64 256 1 1
+Mixed_5c.branch5x5_1 48 256 1 1
+Mixed_5c.branch5x5_2 64 48 5 5
+Mixed_5c.branch3x3dbl_1 64 256 1 1
+Mixed_5c.branch3x3dbl_2 96 64 3 3
+Mixed_5c.branch3x3dbl_3 96 96 3 3
+Mixed_5c.branch_pool 64 256 1 1
+Mixed_5d.branch1x1 64 288 1 1
+Mixed_5d.branch5x5_1 48 288 1 1
+Mixed_5d.branch5x5_2 64 48 5 5
+Mixed_5d.branch3x3dbl_1 64 288 1 1
+Mixed_5d.branch3x3dbl_2 96 64 3 3
+Mixed_5d.branch3x3dbl_3 96 96 3 3
+Mixed_5d.branch_pool 64 288 1 1
+Mixed_6a.branch3x3 384 288 3 3
+Mixed_6a.branch3x3dbl_1 64 288 1 1
+Mixed_6a.branch3x3dbl_2 96 64 3 3
+Mixed_6a.branch3x3dbl_3 96 96 3 3
+Mixed_6b.branch1x1 192 768 1 1
+Mixed_6b.branch7x7_1 128 768 1 1
+Mixed_6b.branch7x7_2 128 128 1 7
+Mixed_6b.branch7x7_3 192 128 7 1
+Mixed_6b.branch7x7dbl_1 128 768 1 1
+Mixed_6b.branch7x7dbl_2 128 128 7 1
+Mixed_6b.branch7x7dbl_3 128 128 1 7
+Mixed_6b.branch7x7dbl_4 128 128 7 1
+Mixed_6b.branch7x7dbl_5 192 128 1 7
+Mixed_6b.branch_pool 192 768 1 1
+Mixed_6c.branch1x1 192 768 1 1
+Mixed_6c.branch7x7_1 160 768 1 1
+Mixed_6c.branch7x7_2 160 160 1 7
+Mixed_6c.branch7x7_3 192 160 7 1
+Mixed_6c.branch7x7dbl_1 160 768 1 1
+Mixed_6c.branch7x7dbl_2 160 160 7 1
+Mixed_6c.branch7x7dbl_3 160 160 1 7
+Mixed_6c.branch7x7dbl_4 160 160 7 1
+Mixed_6c.branch7x7dbl_5 192 160 1 7
+Mixed_6c.branch_pool 192 768 1 1
+Mixed_6d.branch1x1 192 768 1 1
+Mixed_6d.branch7x7_1 160 768 1 1
+Mixed_6d.branch7x7_2 160 160 1 7
+Mixed_6d.branch7x7_3 192 160 7 1
+Mixed_6d.branch7x7dbl_1 160 768 1 1
+Mixed_6d.branch7x7dbl_2 160 160 7 1
+Mixed_6d.branch7x7dbl_3 160 160 1 7
+Mixed_6d.branch7x7dbl_4 160 160 7 1
+Mixed_6d.branch7x7dbl_5 192 160 1 7
+Mixed_6d.branch_pool 192 768 1 1
+Mixed_6e.branch1x1 192 768 1 1
+Mixed_6e.branch7x7_1 192 768 1 1
+Mixed_6e.branch7x7_2 192 192 1 7
+Mixed_6e.branch7x7_3 192 192 7 1
+Mixed_6e.branch7x7dbl_1 192 768 1 1
+Mixed_6e.branch7x7dbl_2 192 192 7 1
+Mixed_6e.branch7x7dbl_3 192 192 1 7
+Mixed_6e.branch7x7dbl_4 192 192 7 1
+Mixed_6e.branch7x7dbl_5 192 192 1 7
+Mixed_6e.branch_pool 192 768 1 1
+Mixed_7a.branch3x3_1 192 768 1 1
+Mixed_7a.branch3x3_2 320 192 3 3
+Mixed_7a.branch7x7x3_1 192 768 1 1
+Mixed_7a.branch7x7x3_2 192 192 1 7
+Mixed_7a.branch7x7x3_3 192 192 7 1
+Mixed_7a.branch7x7x3_4 192 192 3 3
+Mixed_7b.branch1x1 320 1280 1 1
+Mixed_7b.branch3x3_1 384 1280 1 1
+Mixed_7b.branch3x3_2a 384 384 1 3
+Mixed_7b.branch3x3_2b 384 384 3 1
+Mixed_7b.branch3x3dbl_1 448 1280 1 1
+Mixed_7b.branch3x3dbl_2 384 448 3 3
+Mixed_7b.branch3x3dbl_3a 384 384 1 3
+Mixed_7b.branch3x3dbl_3b 384 384 3 1
+Mixed_7b.branch_pool 192 1280 1 1
+Mixed_7c.branch1x1 320 2048 1 1
+Mixed_7c.branch3x3_1 384 2048 1 1
+Mixed_7c.branch3x3_2a 384 384 1 3
+Mixed_7c.branch3x3_2b 384 384 3 1
+Mixed_7c.branch3x3dbl_1 448 2048 1 1
+Mixed_7c.branch3x3dbl_2 384 448 3 3
+Mixed_7c.branch3x3dbl_3a 384 384 1 3
+Mixed_7c.branch3x3dbl_3b 384 384 3 1
+Mixed_7c.branch_pool 192 2048 1 1
+"""
+# sha256 over sorted "key:shape" lines of the 472 tensors, from fid_spec.md section 1.3 (torch-fidelity's modules)
+KEYS_SHA256 = '954403df03f5a6d824cbccdc11f2b359003e906b126822a8a9a1afc4b6c8b849'
+
+
+def published_keys():
+    keys = {'fc.weight': (1008, 2048), 'fc.bias': (1008,)}
+    for line in CONV_TABLE.split('\n'):
+        if line:
+            name, *shape = line.split()
+            keys[f'{name}.conv.weight'] = tuple(map(int, shape))
+            for t in ('weight', 'bias', 'running_mean', 'running_var'):
+                keys[f'{name}.bn.{t}'] = (int(shape[0]),)
+    return keys
+
+
+def test_inception_keys_equal_published_list():
+    keys = published_keys()
+    assert len(keys) == fid.FID_NUM_KEYS == 472 and sum(int(np.prod(s)) for s in keys.values()) == 23885392
+    digest = hashlib.sha256('\n'.join(f'{k}:{keys[k]}' for k in sorted(keys)).encode()).hexdigest()
+    assert digest == KEYS_SHA256  # the literal table above is the published one
+    model = fid.FIDInception()
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
+    assert got == keys
+    assert [n for n, m in model.named_children() if any(True for _ in m.parameters())] == [
+        'Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'Mixed_5b', 'Mixed_5c',
+        'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e', 'Mixed_7a', 'Mixed_7b', 'Mixed_7c', 'fc']
+
+
+def synthetic_state_dict(seed=0):
+    """Random weights with the file's keys, scaled (He init, BN stats near 1) so activations stay O(1)."""
+    torch.manual_seed(seed)
+    m = fid.FIDInception()
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, nonlinearity='relu')
+        elif isinstance(mod, nn.BatchNorm2d):
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 0.2)
+            mod.running_mean.normal_(0, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    m.fc.weight.data.normal_(0, 0.05)
+    m.fc.bias.data.normal_(0, 1.0)  # non-zero on purpose: the Inception Score must not use it
+    return m.state_dict()
+
+
+@pytest.fixture(scope='module')
+def synth(tmp_path_factory):
+    """(state_dict, file with num_batches_tracked, file without it)."""
+    sd = synthetic_state_dict()
+    d = tmp_path_factory.mktemp('weights')
+    with_nbt, without = str(d / 'with_nbt.pth'), str(d / 'without_nbt.pth')
+    torch.save(sd, with_nbt)
+    torch.save({k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}, without)
+    return sd, with_nbt, without
+
+
+@pytest.fixture(scope='module')
+def net(synth):
+    return fid.load_inception(synth[1])
+
+
+def test_weights_load_with_and_without_num_batches_tracked(synth):
+    sd, with_nbt, without = synth
+    assert sum(k.endswith('num_batches_tracked') for k in sd) == 94
+    for path in (with_nbt, without):
+        model = fid.load_inception(path)  # downloads are blocked by the autouse fixture
+        assert not model.training
+        got = model.state_dict()
+        assert all(torch.equal(got[k], sd[k]) for k in sd if not k.endswith('num_batches_tracked'))
+
+
+def test_wrong_weights_file_is_a_clear_error(synth, tmp_path):
+    sd = {k: v for k, v in synth[0].items() if not k.endswith('num_batches_tracked')}
+    cases = {
+        'missing': ({k: v for k, v in sd.items() if k != 'Mixed_6d.branch1x1.conv.weight'}, '1 missing keys'),
+        'renamed': ({('AuxLogits.conv0' + k[13:] if k.startswith('Conv2d_1a_3x3') else k): v for k, v in sd.items()},
+                    'unexpected keys'),
+        'torchvision_fc': ({**sd, 'fc.weight': torch.zeros(1000, 2048), 'fc.bias': torch.zeros(1000)},
+                           'fc.weight (1000, 2048)'),
+        'not_a_dict': ([1, 2, 3], 'not a state_dict'),
+    }
+    for name, (obj, msg) in cases.items():
+        p = str(tmp_path / f'{name}.pth')
+        torch.save(obj, p)
+        with pytest.raises(fid.FIDError, match=msg.replace('(', r'\(').replace(')', r'\)')):
+            fid.load_inception(p)
+    junk = tmp_path / 'junk.pth'
+    junk.write_bytes(b'not a torch file')
+    with pytest.raises(fid.FIDError, match='cannot read'):
+        fid.load_inception(str(junk))
+
+
+def test_weights_from_hub_cache_or_one_checked_download(synth, monkeypatch):
+    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    with pytest.raises(fid.FIDError) as e:  # empty cache, network blocked: one line that says how to get the file
+        fid.find_weights()
+    msg = str(e.value)
+    assert '\n' not in msg and fid.FID_WEIGHTS_URL in msg and '--weights' in msg and hub in msg
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
+        os.link(synth[2], dst)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
+    path = fid.find_weights()
+    assert calls == [(fid.FID_WEIGHTS_URL, fid.FID_WEIGHTS_SHA256)]  # the full SHA-256 is checked, not a prefix
+    assert path == os.path.join(hub, fid.FID_WEIGHTS_FILE)
+    assert fid.find_weights() == path and len(calls) == 1  # second time: from the cache
+    os.rename(path, os.path.join(hub, 'weights-inception-2015-12-05-6726825d.pth'))  # torch-fidelity's name
+    assert fid.find_weights().endswith('weights-inception-2015-12-05-6726825d.pth') and len(calls) == 1
+
+
+def test_missing_weights_file_cli_one_line_error(tmp_path):
+    env = {**os.environ, 'TORCH_HOME': str(tmp_path)}
+    cmd = [sys.executable, os.path.join(HERE, 'fid.py'), 'a.npz', 'b.npz', '--weights', str(tmp_path / 'nope.pth')]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stdout == ''
+    lines = r.stderr.strip().split('\n')
+    assert len(lines) == 1 and 'nope.pth' in lines[0] and fid.FID_WEIGHTS_URL in lines[0] and '--weights' in lines[0]
+
+
+def test_forward_shapes_layout_and_batch_independence(net):
+    rng = np.random.default_rng(6)
+    imgs = rng.integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    seen = {}
+    hooks = [net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.__setitem__('b1x1', o)),
+             net.Mixed_7c.register_forward_hook(lambda m, i, o: seen.__setitem__('7c', o))]
+    try:
+        with torch.no_grad():
+            pool, spatial, logits = net(fid.preprocess(imgs))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert pool.shape == (3, 2048) and spatial.shape == (3, 2023) and logits.shape == (3, 1008)
+    assert (pool >= 0).all() and pool.abs().max() > 1e-3
+    torch.testing.assert_close(pool, seen['7c'].mean((2, 3)))  # pool_3 = 8x8 average of Mixed_7c
+    b = seen['b1x1']  # (3, 192, 17, 17): ADM flattens channels 0..6 of NHWC: index ((i * 17) + j) * 7 + c
+    for n, i, j, c in [(0, 0, 0, 0), (1, 3, 16, 6), (2, 16, 2, 4)]:
+        assert spatial[n, (i * 17 + j) * 7 + c] == b[n, c, i, j]
+    w, bias = net.fc.weight, net.fc.bias
+    torch.testing.assert_close(logits, pool @ w.T)  # no bias in the IS logits
+    assert (logits - (pool @ w.T + bias)).abs().max() > 0.1
+    # batch of 3 == batches of 2 + 1 (eval-mode BN; guards the train-mode bug), deterministic
+    parts = fid.inception_features(net, fid.Images(imgs), batch_size=2)
+    scale = pool.abs().max().item()
+    assert np.abs(parts[0] - pool.numpy()).max() <= 1e-4 * scale
+    assert np.abs(parts[1] - spatial.numpy()).max() <= 1e-4 * spatial.abs().max().item()
+    big = rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
+    p, s, lg = fid.inception_features(net, fid.Images(np.concatenate([big, big])), batch_size=2)
+    assert p.shape == (2, 2048) and s.shape == (2, 2023) and lg.shape == (2, 1008)
+
+
+def test_basic_conv_is_conv_bn_relu_with_tf_eps():
+    torch.manual_seed(1)
+    m = fid.BasicConv2d(3, 4, (1, 3), padding=(0, 1)).eval()
+    m.bn.running_mean.normal_()
+    m.bn.running_var.uniform_(1e-3, 1e-2)  # small variances make eps = 1e-3 (TF) vs 1e-5 (torch default) visible
+    m.bn.weight.data.normal_()
+    m.bn.bias.data.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    c = F.conv2d(x, m.conv.weight, padding=(0, 1))
+    bn = m.bn
+    expect = ((c - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + 1e-3)
+              * bn.weight[:, None, None] + bn.bias[:, None, None]).clamp_min(0)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expect)
+
+
+def test_fid_specific_pooling():
+    x = torch.full((1, 5, 6, 6), 3.0)
+    assert torch.equal(fid.tf_avg_pool(x), x)  # border means exclude the zero padding, like TF
+    assert F.avg_pool2d(x, 3, 1, 1)[0, 0, 0, 0] == pytest.approx(3.0 * 4 / 9)  # what torchvision's pool would do
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 8)
+    model = fid.FIDInception()
+    assert model.Mixed_7b.pool == 'avg' and model.Mixed_7c.pool == 'max'
+    e = fid.InceptionE(6, 'max').eval()
+    with torch.no_grad():
+        assert torch.equal(e(x)[:, -192:], e.branch_pool(F.max_pool2d(x, 3, 1, 1)))
+        e.pool = 'avg'
+        assert torch.allclose(e(x)[:, -192:], e.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+        a = fid.InceptionA(6, 8).eval()
+        assert torch.allclose(a(x)[:, -8:], a.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+        c = fid.InceptionC(6, 4).eval()
+        assert torch.allclose(c(x)[:, -192:], c.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+
+# -----------------------------------------------------------------------------
+# preprocessing
+
+
+def tf1_resize_reference(img, oh, ow, coord=np.float64):
+    """Loop over output pixels: TF1 ResizeBilinear (align_corners=False, no half-pixel centres):
+    source = dst * in/out (in TF: float32), neighbours floor and floor+1 clamped to the last pixel."""
+    h, w = img.shape
+    out = np.zeros((oh, ow))
+    for i in range(oh):
+        y = float(coord(i) * (coord(h) / coord(oh)))
+        y0 = int(np.floor(y))
+        y1, dy = min(y0 + 1, h - 1), y - y0
+        for j in range(ow):
+            x = float(coord(j) * (coord(w) / coord(ow)))
+            x0 = int(np.floor(x))
+            x1, dx = min(x0 + 1, w - 1), x - x0
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * dx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * dx
+            out[i, j] = top + (bottom - top) * dy
+    return out
+
+
+@pytest.mark.parametrize('h,w,oh,ow', [(7, 9, 13, 5), (16, 16, 29, 29), (256, 256, 299, 299), (32, 32, 299, 299)])
+def test_tf_resize_matches_numpy_reference(h, w, oh, ow):
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w)).astype(np.float64)
+    got = fid.tf_resize(torch.tensor(img, dtype=torch.float32)[None, None], (oh, ow))[0, 0].numpy()
+    # TF computes source coordinates in float32: same coordinates -> agreement to float32 rounding
+    assert np.abs(got - tf1_resize_reference(img, oh, ow, np.float32)).max() < 1e-3
+    # exact coordinates: float32 coordinates near 255 are off by ~1e-5 px, i.e. < 1e-2 grey levels
+    assert np.abs(got - tf1_resize_reference(img, oh, ow)).max() < 1e-2
+    assert got.min() >= img.min() and got.max() <= img.max()
+
+
+def test_tf_resize_identity_and_affine_ramps():
+    x = torch.rand(2, 3, 299, 299) * 255
+    assert torch.equal(fid.tf_resize(x), x)
+    h, w = 40, 50
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+    ramp = torch.tensor(2.0 * yy + 0.5 * xx + 3, dtype=torch.float32)[None, None]
+    out = fid.tf_resize(ramp)[0, 0].numpy()
+    sy, sx = np.arange(299) * h / 299, np.arange(299) * w / 299
+    inner_y, inner_x = sy <= h - 1, sx <= w - 1  # past the last pixel TF clamps: the ramp flattens there
+    expect = 2.0 * sy[:, None] + 0.5 * sx[None] + 3
+    assert np.abs(out - expect)[np.ix_(inner_y, inner_x)].max() < 1e-3
+    assert np.abs(out - expect)[~inner_y].max() > 0.1
+
+
+def test_preprocess_normalisation_and_torch_mode():
+    vals = np.array([0, 128, 255], np.uint8)
+    imgs = np.broadcast_to(vals[:, None, None, None], (3, 299, 299, 3))
+    tf = fid.preprocess(imgs, 'tf')
+    assert tf[:, 0, 0, 0].tolist() == [-1.0, 0.0, 0.9921875]
+    pt = fid.preprocess(imgs, 'torch')
+    assert pt[:, 0, 0, 0].tolist() == pytest.approx([-1.0, 2 * 128 / 255 - 1, 1.0], abs=1e-6)
+    x = np.random.default_rng(7).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    expect = F.interpolate(t, size=(299, 299), mode='bilinear', align_corners=False, antialias=False) * 2 - 1
+    torch.testing.assert_close(fid.preprocess(x, 'torch'), expect)
+    assert (fid.preprocess(x, 'tf') - expect).abs().max() > 0.05  # the two conventions really differ
+
+# -----------------------------------------------------------------------------
+# inputs, reference formats, CLI
+
+
+class StubInception(nn.Module):
+    """FIDInception's interface at ~no cost: fixed random projections of an 8x8 average of the preprocessed input."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.p, self.s = torch.randn(192, 2048, generator=g), torch.randn(192, 2023, generator=g)
+        self.w = torch.randn(2048, 1008, generator=g) * 0.01
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(x, 8).flatten(1)
+        pool = torch.relu(f @ self.p)
+        return pool, f @ self.s, pool @ self.w
+
+
+def test_npz_streaming_roundtrip(tmp_path):
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 256, (10, 12, 14, 3), dtype=np.uint8)
+    labels = np.arange(10) % 3
+    for save in (np.savez, np.savez_compressed):
+        p = str(tmp_path / f'{save.__name__}.npz')
+        save(p, arr_0=x, labels=labels)
+        imgs = fid.Images(p)
+        batches = list(imgs.batches(4))
+        assert [len(b) for b in batches] == [4, 4, 2] and imgs.n == 10  # nothing dropped
+        assert np.array_equal(np.concatenate(batches), x) and np.array_equal(imgs.labels, labels)
+    fortran = str(tmp_path / 'fortran.npz')  # column-major arr_0 cannot be streamed: read whole, same batches
+    np.savez(fortran, arr_0=np.asfortranarray(x))
+    assert np.array_equal(np.concatenate(list(fid.Images(fortran).batches(4))), x)
+    grey = str(tmp_path / 'grey.npz')
+    np.savez(grey, arr_0=x[..., 0])  # NHW grey -> RGB
+    assert np.array_equal(np.concatenate(list(fid.Images(grey).batches(3))), np.repeat(x[..., :1], 3, -1))
+
+
+def test_folder_and_npz_give_the_same_features(tmp_path):
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 256, (5, 20, 24, 3), dtype=np.uint8)
+    x[3] = x[3, :, :, :1]  # stored as grey below: RGB with equal channels
+    folder = tmp_path / 'imgs'
+    for c in ('cat', 'dog'):
+        (folder / c).mkdir(parents=True)
+    for i, a in enumerate(x):
+        cls = 'cat' if i < 3 else 'dog'
+        if i == 3:
+            Image.fromarray(a[..., 0], 'L').save(folder / cls / f'{i}.png')
+        elif i == 4:
+            Image.fromarray(np.dstack([a, np.full(a.shape[:2], 7, np.uint8)]), 'RGBA').save(folder / cls / f'{i}.PNG')
+        else:
+            Image.fromarray(a).save(folder / cls / f'{i}.png')
+    (folder / 'cat' / 'notes.txt').write_text('not an image')
+    npz = str(tmp_path / 'x.npz')
+    np.savez(npz, arr_0=x)
+    imgs = fid.Images(str(folder))
+    assert imgs.n == 5 and imgs.labels == ['cat'] * 3 + ['dog'] * 2  # upper-case .PNG found, .txt ignored
+    assert np.array_equal(np.concatenate(list(imgs.batches(2))), x)  # L and RGBA become the same RGB
+    stub = StubInception()
+    a = fid.inception_features(stub, imgs, batch_size=2)
+    b = fid.inception_features(stub, fid.Images(npz), batch_size=2)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    # mixed sizes in a folder: each image resized to 299 on its own
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(folder / 'dog' / 'big.png')
+    p, s, lg = fid.inception_features(stub, fid.Images(str(folder)), batch_size=6)
+    assert p.shape == (6, 2048) and np.allclose(p[:3], a[0][:3], rtol=1e-5, atol=1e-5 * np.abs(p).max())
+
+
+def test_reference_formats_and_saved_stats(tmp_path, capsys):
+    rng = np.random.default_rng(10)
+    samples, refs = (rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8) for _ in range(2))
+    s_path, r_path = str(tmp_path / 's.npz'), str(tmp_path / 'r.npz')
+    np.savez(s_path, arr_0=samples)
+    np.savez(r_path, arr_0=refs)
+    stub = StubInception()
+    pool_s = fid.inception_features(stub, fid.Images(samples))[0]
+    pool_r, spatial_r, _ = fid.inception_features(stub, fid.Images(refs))
+    plain = fid.evaluate(s_path, r_path, model=stub, metrics=('pr',))
+    assert (plain['precision'], plain['recall']) == fid.precision_recall(pool_r, pool_s)
+    # --save-stats writes float64 statistics of the reference (+ its features for P/R), tagged with the preprocessing
+    saved = str(tmp_path / 'saved.npz')
+    fid.evaluate(s_path, r_path, model=stub, metrics=(), save_stats_path=saved)
+    with np.load(saved) as z:
+        assert str(z['features']) == 'inception-tf' and z['mu'].dtype == z['sigma_s'].dtype == np.float64
+        want = (*fid.gaussian_stats(pool_r), *fid.gaussian_stats(spatial_r))
+        assert all(np.array_equal(z[k], w) for k, w in zip(('mu', 'sigma', 'mu_s', 'sigma_s'), want))
+        assert np.array_equal(z['acts'], pool_r)
+    res = fid.evaluate(s_path, saved, model=stub, metrics=('pr',))
+    assert (res['precision'], res['recall']) == (plain['precision'], plain['recall'])
+    with pytest.raises(fid.FIDError, match='inception-tf'):  # statistics of another preprocessing are refused
+        fid.evaluate(s_path, saved, model=stub, metrics=('fid',), resize='torch')
+    # ADM reference batch: stored mu/sigma (whole-dataset statistics) win over the statistics of its arr_0 images
+    mu, sigma = np.full(2048, 0.5), np.eye(2048) * 2.0
+    adm = str(tmp_path / 'adm.npz')
+    np.savez(adm, arr_0=refs, mu=mu, sigma=sigma)
+    res = fid.evaluate(s_path, adm, model=stub, metrics=('fid', 'sfid', 'pr'))
+    assert res['fid'] == pytest.approx(fid.frechet_distance(*fid.gaussian_stats(pool_s), mu, sigma), rel=1e-9)
+    assert res['precision'] == plain['precision'] and 'sfid' not in res  # P/R from arr_0; no mu_s -> no sFID
+    assert 'sFID skipped' in capsys.readouterr().err
+    # stats-only reference (pytorch-fid format): FID works, P/R skipped with a note
+    only = str(tmp_path / 'only.npz')
+    np.savez(only, mu=mu, sigma=sigma)
+    res2 = fid.evaluate(s_path, only, model=stub, metrics=('fid', 'pr'))
+    assert res2['fid'] == res['fid'] and 'precision' not in res2
+    assert 'Precision/Recall skipped' in capsys.readouterr().err
+
+
+def test_cli_end_to_end_with_synthetic_weights(synth, tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'samples.npz', arr_0=x)
+    (tmp_path / 'ref').mkdir()
+    for i, a in enumerate(x):
+        Image.fromarray(a).save(tmp_path / 'ref' / f'{i:03d}.png')
+    out = str(tmp_path / 'res.json')
+    rc = fid.main([str(tmp_path / 'samples.npz'), str(tmp_path / 'ref'), '--weights', synth[1], '--json', out,
+                   '--batch-size', '3', '--device', 'cpu'])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().split('\n')
+    assert [ln.split(':')[0] for ln in lines] == ['Inception Score', 'FID', 'sFID', 'Precision', 'Recall']
+    res = json.load(open(out))
+    assert {'is', 'is_std', 'fid', 'sfid', 'precision', 'recall', 'n_samples', 'n_ref', 'resize'} <= res.keys()
+    assert abs(res['fid']) < 1e-9 and abs(res['sfid']) < 1e-9  # FID(x, x) ~ 0: folder and npz agree
+    assert res['precision'] == res['recall'] == 1.0 and res['n_samples'] == res['n_ref'] == 4
+    assert 1 <= res['is'] <= 4
+
+
+def test_guard_rails(tmp_path, capsys):
+    np.savez(tmp_path / 'one.npz', arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(fid.FIDError, match='at least 2'):
+        fid.Images(str(tmp_path / 'one.npz'))
+    np.savez(tmp_path / 'float.npz', arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    with pytest.raises(fid.FIDError, match='uint8'):
+        fid.Images(str(tmp_path / 'float.npz'))
+    np.savez(tmp_path / 'few.npz', arr_0=np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
+    fid.evaluate(str(tmp_path / 'few.npz'), model=StubInception(), metrics=('is',))
+    assert '< 2048' in capsys.readouterr().err
+    assert fid.main([str(tmp_path / 'float.npz'), '--weights', str(tmp_path / 'none.pth')]) == 2
+
+
+def test_help_documents_every_flag():
+    parser = fid.build_parser()
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'fid.py'), '--help'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.dest
+        for opt in action.option_strings or [action.dest]:
+            assert opt in r.stdout
+
+# -----------------------------------------------------------------------------
+# the domain classifier
+
+
+def line_images(n, size, seed):
+    """4 classes of thin bright lines on dark noise: horizontal, vertical, diagonal, anti-diagonal."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 4
+    x = rng.integers(0, 60, (n, size, size, 3)).astype(np.uint8)
+    idx = np.arange(size)
+    for i, c in enumerate(y):
+        p = rng.integers(2, size - 2)
+        rows, cols = [(np.full(size, p), idx), (idx, np.full(size, p)), (idx, (idx + p) % size), (idx, (p - idx) % size)][c]
+        x[i, rows, cols] = rng.integers(200, 256, 3)
+    return x, y
+
+
+def blur(x):
+    return np.clip(np.round(gaussian_filter(x.astype(np.float64), sigma=(0, 1, 1, 0))), 0, 255).astype(np.uint8)
+
+
+def test_domain_classifier_end_to_end(tmp_path, capsys):
+    data = str(tmp_path / 'lines.npz')
+    np.savez(data, images=line_images(480, 16, 0)[0], labels=line_images(480, 16, 0)[1])  # tokenizer's npz format
+    clf = str(tmp_path / 'clf.pt')
+    assert fid.main(['--train-classifier', data, '--out', clf, '--image-size', '16', '--steps', '120']) == 0
+    assert 'held-out accuracy' in capsys.readouterr().out
+    x, y = line_images(400, 16, 1)  # fresh "samples" with the class each was drawn for
+    np.savez(tmp_path / 'a.npz', arr_0=x[:200], labels=y[:200])
+    np.savez(tmp_path / 'b.npz', arr_0=x[200:], labels=y[200:])
+    np.savez(tmp_path / 'b_blur.npz', arr_0=blur(x[200:]), labels=y[200:])
+    np.savez(tmp_path / 'b_wrong.npz', arr_0=x[200:], labels=(y[200:] + 1) % 4)
+    np.savez(tmp_path / 'b_big.npz', arr_0=x[200:].repeat(2, 1).repeat(2, 2), labels=y[200:])  # 32 px -> resized
+    p = {k: str(tmp_path / f'{k}.npz') for k in ('a', 'b', 'b_blur', 'b_wrong', 'b_big')}
+    real = fid.domain_metrics(p['b'], p['a'], clf)
+    blurred = fid.domain_metrics(p['b_blur'], p['a'], clf)
+    assert real['acc'] >= 0.9 and real['ref_acc'] >= 0.9 and real['n_samples'] == real['n_ref'] == 200
+    assert blurred['fid'] > 3 * real['fid']
+    assert fid.domain_metrics(p['b_wrong'], clf_path=clf)['acc'] <= 0.1
+    big = fid.domain_metrics(p['b_big'], p['a'], clf)
+    assert big['acc'] >= 0.8 and big['fid'] < blurred['fid']
+    # labels from per-class folders named like the classifier's classes
+    for i, (a, c) in enumerate(zip(x[200:], y[200:])):
+        os.makedirs(tmp_path / 'per_class' / str(c), exist_ok=True)
+        Image.fromarray(a).save(tmp_path / 'per_class' / str(c) / f'{i}.png')
+    folder = fid.domain_metrics(str(tmp_path / 'per_class'), p['a'], clf)
+    assert folder['acc'] == pytest.approx(real['acc'])  # same images, order differs
+    # reference as a dataset spec, saved stats round trip, and feature-space checks
+    st = str(tmp_path / 'ref_stats.npz')
+    ds_ref = fid.domain_metrics(p['b'], data, clf, ref_split='val', save_stats_path=st)
+    assert ds_ref['n_ref'] == 24
+    assert fid.domain_metrics(p['b'], st, clf)['fid'] == pytest.approx(ds_ref['fid'], rel=1e-12)
+    with pytest.raises(fid.FIDError, match='domain-'):
+        fid.evaluate(p['b'], st, model=StubInception(), metrics=('fid',))
+    np.savez(tmp_path / 'inception_stats.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(fid.FIDError, match="'inception' features"):
+        fid.domain_metrics(p['b'], str(tmp_path / 'inception_stats.npz'), clf)
+    js = str(tmp_path / 'd.json')
+    assert fid.main([p['b'], p['a'], '--features', clf, '--json', js]) == 0
+    assert capsys.readouterr().out.split('\n')[:3] == [f"FID: {real['fid']}", f"Accuracy: {real['acc']}",
+                                                       f"Reference accuracy: {real['ref_acc']}"]
+    assert json.load(open(js))['fid'] == real['fid']
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST), reason='needs ../shared/data/mnist')
+def test_domain_classifier_reads_mnist(tmp_path):
+    clf = str(tmp_path / 'clf.pt')
+    acc = fid.train_classifier(MNIST, clf, image_size=32, steps=150)
+    assert acc >= 0.9  # 150 steps; the full 600-step run reaches ~98.7% (notes_fid.md)
+    ck = torch.load(clf, weights_only=True)
+    assert ck['num_classes'] == 10 and ck['image_size'] == 32 and ck['class_names'] == [str(i) for i in range(10)]
