@@ -604,6 +604,26 @@ def to_unit(images, size):
     return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def gaussian_blur(x, sigma):
+    """Separable Gaussian blur of (B, C, H, W) with a 7-tap kernel (radius 3), edges replicated."""
+    r = torch.arange(-3, 4, dtype=x.dtype, device=x.device)
+    k = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    k, c = k / k.sum(), x.shape[1]
+    x = F.conv2d(F.pad(x, (3, 3, 0, 0), mode='replicate'), k.view(1, 1, 1, 7).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, 3, 3), mode='replicate'), k.view(1, 1, 7, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def augment(x, gen):
+    """A random shift of up to 2 px and, for half the batches, a blur of sigma 0.3-1.2 px. Class predictions then
+    hold for slightly soft samples (accuracy should measure the class, not the sharpness), while FID in the features
+    still sees blur. MNIST, seed 1: accuracy on blurred digits 29% -> 96%, FID(blurred) / FID(real) 353x -> 151x."""
+    dy, dx = torch.randint(-2, 3, (2,), generator=gen).tolist()
+    x = torch.roll(x, (dy, dx), (2, 3))
+    if torch.rand((), generator=gen) < 0.5:
+        x = gaussian_blur(x, torch.empty(()).uniform_(0.3, 1.2, generator=gen).item())
+    return x
+
+
 @contextlib.contextmanager
 def single_thread(device):
     """A 60k-parameter CNN on 32 px images is too small to split across threads: on a busy 2-core machine
@@ -639,7 +659,7 @@ def train_classifier(data, out, image_size=32, steps=600, batch_size=64, lr=3e-3
             for g in opt.param_groups:  # cosine decay to 0: fast start, no tuning of the epoch count
                 g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             idx = torch.randint(len(x), (batch_size,), generator=gen).to(device)
-            loss = F.cross_entropy(model(x[idx])[1], y[idx])
+            loss = F.cross_entropy(model(augment(x[idx], gen))[1], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
