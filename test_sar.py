@@ -816,14 +816,18 @@ def test_help_documents_every_flag():
         assert a.option_strings[0] in r.stdout
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    # in-process (fast); main() turns every user error into one 'error: ...' line and exit status 2
     for args, needle in ((['--data', str(tmp_path / 'missing')], 'missing'),
                          (['--scales', '1,3,2'], 'increasing'),
-                         (['--scales', '1,2,16'], 'latent')):
-        r = run_cli(*args, '--steps', '1', '--out', str(tmp_path / 'o.pt'))
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith('error:') and needle in lines[0], r.stderr
+                         (['--scales', '1,2,16'], 'latent'),
+                         (['--ch-mult', '1,x'], 'ch-mult'),
+                         (['--eval-only', str(tmp_path / 'none.pt')], 'none.pt')):
+        with pytest.raises(SystemExit) as e:
+            T.main(args + ['--steps', '1', '--out', str(tmp_path / 'o.pt')])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('error:') and needle in err[0], err
     assert not os.path.exists(tmp_path / 'o.pt')
 
 
@@ -851,3 +855,32 @@ def test_train_smoke_checkpoint_and_resume(tmp_path, capsys):
     # the PNG has one row of originals plus one row per scale
     png = np.asarray(Image.open(str(tmp_path / 'tok_recon.png')))
     assert png.shape[0] == 2 + 5 * (16 + 2)
+
+
+def test_kmeans_init_and_dead_code_restart():
+    vae = small_tok(codebook_size=8, codebook_dim=8)
+    centres = torch.nn.functional.normalize(torch.randn(8, 8), dim=1)
+    g = torch.Generator().manual_seed(0)
+
+    def fake_encode(x):  # latents scattered tightly around 8 directions, (B, 8, 4, 4)
+        pick = centres[torch.randint(8, (x.shape[0] * 16,), generator=g)]
+        z = pick + 0.02 * torch.randn(pick.shape, generator=g)
+        return z.view(x.shape[0], 4, 4, 8).permute(0, 3, 1, 2) * 3.0
+    vae.encode_conti = fake_encode
+    batches = iter([(torch.zeros(16, 3, 8, 8), None)] * 16)
+    T.kmeans_init(vae, batches)
+    cos = centres @ vae.codebook().t()  # (8 centres, 8 codes)
+    assert cos.max(1).values.min() > 0.99  # every cluster got a code on it
+    # restarts: codes unused for longer than `patience` move onto encoder outputs; Adam moments are cleared
+    w = vae.quantize.embedding.weight
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    last_used = torch.tensor([100, 100, 0, 100, 100, 100, 0, 100])
+    h = fake_encode(torch.zeros(2, 3, 8, 8))
+    assert T.restart_dead_codes(vae, opt, last_used, 100, h, patience=50) == 2
+    zn = torch.nn.functional.normalize(h.permute(0, 2, 3, 1).reshape(-1, 8), dim=1)
+    for k in (2, 6):
+        assert (zn @ torch.nn.functional.normalize(w[k], dim=0)).max() > 0.99
+        assert opt.state[w]['exp_avg'][k].abs().sum() == 0 and last_used[k] == 100
+    assert opt.state[w]['exp_avg'][0].abs().sum() > 0

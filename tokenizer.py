@@ -10,6 +10,15 @@ Reading order:
   4. training from scratch (python tokenizer.py --data toy) and a per-scale PSNR evaluation
 
 Images are float tensors in [-1, 1], shape (B, 3, H, W). A "scale" pn is the side of a pn x pn token map.
+
+Training recipe (section 4; the official FlexVAE was trained elsewhere, these choices are ours, measured on 'toy'):
+  - loss = MSE(decode(quantized latent), image) + codebook loss + 0.25 * commitment loss (LlamaGen terms; no
+    perceptual/GAN loss, we have no pretrained networks). MSE because PSNR is what we report.
+  - first --ae-warmup steps without quantization (decode the L2-normalised latent), then the codebook is set by
+    spherical k-means on encoder outputs; afterwards codes unused for 50 steps are restarted on encoder outputs.
+  - multi-scale: each step also decodes the latent area-downsampled to one random coarser scale, quantized, and
+    compares it with the image area-downsampled to the decoded size, so every scale's token map decodes to a
+    sensible (smaller) image. That loss trains the decoder only (see train()).
 """
 
 import argparse
@@ -170,7 +179,8 @@ def pick_split(labels, split, n_val, where):
 
 
 class ArrayImages(torch.utils.data.Dataset):
-    """Images held in memory as uint8 (N, H, W, 3) (npz and MNIST). pad28 pads 28 px digits to 32 px instead of resizing."""
+    """Images held in memory as uint8 (N, H, W[, C]) (npz and MNIST). pad=True pads small images (MNIST's 28 px
+    digits) with black to image_size instead of resizing them, when the border splits evenly."""
 
     def __init__(self, images, labels, idx, image_size, flip, class_names, pad=False):
         self.images, self.idx, self.size, self.flip, self.pad = images, idx, image_size, flip, pad
@@ -211,7 +221,8 @@ def load_npz(path, image_size, split, flip):
     except Exception as e:
         raise DataError(f"cannot read {path} as .npz: {e}") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
-        raise DataError(f"{path}: 'images' must be uint8 NHWC (C = 1, 3 or 4) or NHW; got {images.dtype} {images.shape}")
+        raise DataError(f"{path}: 'images' must be uint8 NHWC (C = 1, 3 or 4) or NHW; "
+                        f"got {images.dtype} {images.shape}")
     if len(images) == 0:
         raise DataError(f"{path} holds no images")
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -223,7 +234,8 @@ def load_npz(path, image_size, split, flip):
 
 
 def read_idx(path):
-    """An IDX file (optionally gzipped) -> numpy uint8 array (format: 2 zero bytes, type 0x08, ndim, big-endian dims)."""
+    """An IDX file (optionally gzipped) -> numpy uint8 array.
+    Format: 2 zero bytes, type 0x08 (uint8), ndim, then ndim big-endian uint32 sizes, then the data."""
     opener = gzip.open if path.endswith('.gz') else open
     with opener(path, 'rb') as f:
         buf = f.read()
@@ -337,7 +349,8 @@ class ImageFolder(torch.utils.data.Dataset):
         raise DataError(f"no image under {self.root} could be decoded")
 
     def subset(self, idx):
-        return ImageFolder(self.root, self.size, self.flip, [(self.files[i], self.labels[i]) for i in idx], self.class_names)
+        files = [(self.files[i], self.labels[i]) for i in idx]
+        return ImageFolder(self.root, self.size, self.flip, files, self.class_names)
 
 
 def load_image_folder(d, image_size, split, flip):
@@ -356,7 +369,8 @@ def load_image_folder(d, image_size, split, flip):
 
 
 TOY_SIZES = {'train': 20000, 'val': 1000}
-TOY_CLASSES = ['disc', 'square', 'triangle', 'h-stripes', 'v-stripes', 'two-discs', 'plus', 'ring', 'diagonal', 'four-squares']
+TOY_CLASSES = ['disc', 'square', 'triangle', 'h-stripes', 'v-stripes', 'two-discs', 'plus', 'ring', 'diagonal',
+               'four-squares']
 # a base colour per class (RGB in [0, 1]); the class fixes shape, layout and colour, samples jitter around it
 TOY_COLOURS = np.array([[0.9, 0.15, 0.1], [0.1, 0.75, 0.2], [0.15, 0.3, 0.95], [0.95, 0.85, 0.1], [0.1, 0.85, 0.9],
                         [0.85, 0.15, 0.8], [1.0, 0.55, 0.05], [0.95, 0.95, 0.95], [0.55, 0.35, 0.15], [0.55, 0.2, 0.9]])
@@ -444,7 +458,8 @@ def load_dataset(spec, image_size, split='train', flip=False, seed=0):
     if os.path.isfile(path):
         if path.endswith('.npz'):
             return load_npz(path, image_size, split, flip)
-        raise DataError(f"{path} is a file but not an .npz; give a folder of class sub-folders, an MNIST folder or an .npz")
+        raise DataError(f"{path} is a file but not an .npz; give a folder of class sub-folders, an MNIST folder "
+                        f"or an .npz")
     pairs = find_idx_pairs(path)
     if pairs:
         return load_mnist(path, pairs, image_size, split, flip)
@@ -719,12 +734,44 @@ def image_at(x, pn, ds):  # the image a pn x pn token map should decode to: x ar
     return x if x.shape[-1] == pn * ds else F.interpolate(x, size=(pn * ds, pn * ds), mode='area')
 
 
-def vq_losses(model, h, pn, x, beta):
-    """Quantize the latent h area-downsampled to pn x pn, decode, and compare with x downsampled to match.
-    Returns (reconstruction MSE, codebook loss + beta * commitment loss, recon, idx)."""
-    q, idx, cb, commit = model.quantize.straight_through(F.interpolate(h, size=(pn, pn), mode='area'))
+def scale_losses(model, h, pn, x, beta, quantize=True):
+    """Area-downsample the latent h to pn x pn, quantize it (or, during the warmup, only L2-normalise it), decode,
+    and compare with x area-downsampled to the decoded size. Returns (recon MSE, VQ loss, recon, idx or None)."""
+    z = F.interpolate(h, size=(pn, pn), mode='area')
+    if not quantize:
+        rec = model.decode(F.normalize(z, dim=1))
+        return F.mse_loss(rec, image_at(x, pn, model.downsample)), torch.zeros((), device=h.device), rec, None
+    q, idx, cb, commit = model.quantize.straight_through(z)
     rec = model.decode(q)
     return F.mse_loss(rec, image_at(x, pn, model.downsample)), cb + beta * commit, rec, idx
+
+
+@torch.no_grad()
+def kmeans_init(model, batches, n_batches=16, iters=10):
+    """Set the codebook to spherical k-means centroids of normalised encoder outputs (n_batches batches). Starting
+    from codes that already sit where the encoder puts its vectors gives the decoder small quantization errors at
+    once, instead of random codes that most latents are far from."""
+    V = model.quantize.embedding.weight.shape[0]
+    z = torch.cat([model.encode_conti(next(batches)[0].to(model.quant_conv.weight.device)) for _ in range(n_batches)])
+    z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=-1)  # (N, Cvae)
+    # k-means++ seeding: each new centre is drawn with probability ~ its cosine distance to the nearest chosen one,
+    # so the seeds spread over all clusters (uniform seeding often puts two seeds in one cluster and none in another)
+    g = torch.Generator(device='cpu').manual_seed(0)
+    c = z[torch.randint(len(z), (V,), generator=g)].clone()
+    d = (1 - z @ c[0]).clamp_min(0)  # (N,) distance to the nearest centre so far
+    for k in range(1, V):
+        i = torch.multinomial((d + 1e-12).cpu(), 1, generator=g)
+        c[k] = z[i.to(z.device)]
+        d = torch.minimum(d, (1 - z @ c[k]).clamp_min(0))
+    for _ in range(iters):
+        best, assign = (z @ c.t()).max(1)  # nearest centroid = largest cosine
+        sums = torch.zeros_like(c).index_add_(0, assign, z)
+        count = torch.bincount(assign, minlength=V)
+        c = torch.where(count[:, None] > 0, F.normalize(sums, dim=-1), c)
+        empty = (count == 0).nonzero().flatten()
+        if len(empty):  # an empty cluster restarts on the worst-served points (splits merged clusters)
+            c[empty] = z[best.argsort()[:len(empty)]]
+    model.quantize.embedding.weight.copy_(c)
 
 
 def restart_dead_codes(model, opt, last_used, step, h, patience):
@@ -802,8 +849,8 @@ def get_parser():
     a('--image-size', type=int, default=32, help='train/eval resolution in pixels (resize shorter side + center crop)')
     a('--flip', action='store_true', help='random horizontal flips for training images')
     a('--out', default='out/tokenizer.pt', help='checkpoint path (written atomically; sar.py reads it by default)')
-    a('--steps', type=int, default=1000, help='number of optimisation steps')
-    a('--batch-size', type=int, default=32, help='images per step')
+    a('--steps', type=int, default=1200, help='number of optimisation steps')
+    a('--batch-size', type=int, default=16, help='images per step')
     a('--lr', type=float, default=2e-3, help='peak AdamW learning rate (linear warmup, cosine decay to 10%%)')
     a('--codebook-size', type=int, default=1024, help='number of codes V')
     a('--codebook-dim', type=int, default=32, help='code vector size Cvae (the transformer input width)')
@@ -813,7 +860,10 @@ def get_parser():
     a('--z-channels', type=int, default=64, help='encoder output channels before quant_conv (FlexVAE: 256)')
     a('--num-res-blocks', type=int, default=1, help='res blocks per encoder level (decoder: one more) (FlexVAE: 2)')
     a('--beta', type=float, default=0.25, help='commitment loss weight')
-    a('--ms-weight', type=float, default=1.0, help='weight of the coarse-scale reconstruction loss (0 = finest only)')
+    a('--ae-warmup', type=int, default=150, help='first N steps train encoder/decoder on the L2-normalised latent '
+      'without quantization, then the codebook is set by spherical k-means on encoder outputs (0 = VQ from step 0)')
+    a('--ms-weight', type=float, default=1.0, help='weight of the coarse-scale loss: each step one random coarser '
+      'scale is decoded and compared with the image area-downsampled to that size; trains the decoder only (0 = off)')
     a('--scales', default='1,2,3,4,5,6,8', help='token-map sides pn (increasing; the last <= latent side); '
       'stored in the checkpoint for sar.py')
     a('--ckpt-every', type=int, default=200, help='save a checkpoint every N steps (and at the end)')
@@ -887,6 +937,7 @@ def train(args):
     batches = infinite_batches(train_ds, args, step)
     latent = args.image_size // model.downsample
     coarse = [pn for pn in scales if pn < latent]  # the finest loss always uses the full latent
+    warm = min(args.ae_warmup, args.steps // 2)  # quantize for at least half of the run
     bar = tqdm(total=args.steps, initial=step, desc='tokenizer', dynamic_ncols=True)
     t0 = time.time()
     while step < args.steps:
@@ -894,20 +945,28 @@ def train(args):
         x = x.to(device, non_blocking=True)
         for gr in opt.param_groups:
             gr['lr'] = lr_at(step, args.steps, args.lr)
+        if step == warm and step > 0:
+            kmeans_init(model, batches)  # end of the warmup: codes start on the encoder's outputs
+            last_used.fill_(step)
+        vq = step >= warm
         h = model.encode_conti(x)  # (B, Cvae, h, w)
-        rec_loss, vq_loss, rec, idx = vq_losses(model, h, h.shape[-1], x, args.beta)
+        rec_loss, vq_loss, rec, idx = scale_losses(model, h, h.shape[-1], x, args.beta, vq)
         loss = rec_loss + vq_loss
         if coarse and args.ms_weight > 0:
             # one random coarser scale per step: its token map must decode to the image at that resolution
             pn = coarse[torch.randint(len(coarse), ()).item()]
-            r2, v2, _, _ = vq_losses(model, h, pn, x, args.beta)
-            loss = loss + args.ms_weight * (r2 + v2)
+            # The latent is detached here, so this loss trains only the decoder: sending its gradient into the
+            # encoder made the encoder trade fine detail for pool-friendly latents and, measured on the toy set,
+            # cost ~2 dB at the finest scale while making the coarse decodes worse, not better.
+            r2, _, _, _ = scale_losses(model, h.detach(), pn, x, args.beta, vq)
+            loss = loss + args.ms_weight * r2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        last_used[idx.flatten()] = step  # finest-scale code usage
-        if step % 25 == 24 and step < 0.8 * args.steps:  # dead-code restarts, then let the codebook settle
-            restart_dead_codes(model, opt, last_used, step, h, patience=50)
+        if vq:
+            last_used[idx.flatten()] = step  # finest-scale code usage
+            if step % 25 == 24 and step < 0.8 * args.steps:  # dead-code restarts, then let the codebook settle
+                restart_dead_codes(model, opt, last_used, step, h, patience=50)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(rec.detach(), x):.2f}")
