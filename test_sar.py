@@ -2,6 +2,7 @@
 (../shared/fixtures/flexvar_tiny.pt); the rest check invariants and closed forms.
 Run: python -m pytest -q test_sar.py"""
 
+import json
 import os
 import random
 import subprocess
@@ -439,6 +440,87 @@ def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('x')
     assert 'cannot write' in error_of(capsys, ['--sample', '--ckpt', ck, '--out-dir', str(blocker / 'sub')])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# naive student forcing (section 4.1) and the exposure-bias diagnostic (section 3)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('schedule', ['full', 'alternate', 'interleave', 'hybrid'])
+def test_naive_sf_modes_one_step_on_fixture(fx, schedule):
+    """Each schedule trains one step on the fixture model; its inputs are GT exactly where the schedule says."""
+    model, vae = fixture_var(fx), fixture_vae(fx)
+    scales, labels = fx['scales'], fx['labels']
+    gt, x_tf = sar.gt_tokens_and_inputs(vae, fx['images'], scales)
+    o = opts('--mode', 'sf', '--sf-schedule', schedule, '--sf-hybrid-k', str(scales[2]), '--cond-drop', '0',
+             '--sf-input', 'sample', '--sf-top-k', '50')
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in (0, 1):  # alternate: step 0 is TF, step 1 is SF
+        loss, info = sar.compute_losses(model, vae, gt, x_tf, labels, scales, o, torch.Generator().manual_seed(0), step=step)
+        assert torch.isfinite(loss)
+        loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    x_sf = sar.naive_sf_inputs(model, vae, gt, labels, scales, o, torch.Generator().manual_seed(0))
+    be = sar.begin_ends(scales)
+    off = scales[0] ** 2
+    K = len(scales)   # 0-based scales whose input stays GT: interleave = 1-based odd; hybrid@k = side <= k
+    kept = {'interleave': [i for i in range(K) if i % 2 == 0],
+            'hybrid': [i for i in range(K) if scales[i] <= scales[2]]}.get(schedule, [])
+    for i in range(1, len(scales)):
+        a, b = be[i][0] - off, be[i][1] - off
+        same = torch.allclose(x_sf[:, a:b], x_tf[:, a:b])
+        assert same == (i in kept), (schedule, i)
+    # alternate's even steps are exactly teacher forcing
+    if schedule == 'alternate':
+        model.eval()
+        l_tf, _ = sar.compute_losses(model, vae, gt, x_tf, labels, scales, opts('--mode', 'tf', '--cond-drop', '0'))
+        l_alt, _ = sar.compute_losses(model, vae, gt, x_tf, labels, scales, o, step=2)
+        assert l_alt.item() == pytest.approx(l_tf.item(), rel=1e-6)
+
+
+def test_naive_sf_rollout_is_the_sampler():
+    """The full-SF inputs are built from exactly the tokens the sampler generates with the same generator."""
+    model, vae = small_model(), small_vae()
+    scales, labels = [1, 2, 3, 4], torch.tensor([0, 3, 7])
+    o = opts('--mode', 'sf', '--sf-input', 'sample', '--sf-top-k', '20', '--sf-top-p', '0.9')
+    gt = [torch.randint(0, 64, (3, pn * pn)) for pn in scales]
+    x_sf = sar.naive_sf_inputs(model, vae, gt, labels, scales, o, torch.Generator().manual_seed(5))
+    own, _ = sar.generate_tokens(model, vae, labels, scales, None, 20, 0.9, torch.Generator().manual_seed(5),
+                                 official_grid=False)
+    torch.testing.assert_close(x_sf, vae.tf_input(own, scales))
+    assert not torch.allclose(x_sf, vae.tf_input(gt, scales))
+
+
+def test_exposure_bias_with_gt_inputs_equals_tf_loss(fx):
+    model, vae = fixture_var(fx), fixture_vae(fx)
+    scales = fx['scales']
+    gt, x = sar.gt_tokens_and_inputs(vae, fx['images'], scales)
+    with torch.no_grad():
+        loss = sar.token_ce(model(fx['labels'], x, scales), torch.cat(gt, 1))
+    per = sar.exposure_bias(model, vae, gt, fx['labels'], scales, gt)
+    mean = sum(per[pn][0] * pn * pn for pn in scales) / sum(pn * pn for pn in scales)
+    assert mean == pytest.approx(loss.item(), rel=1e-5)
+    # the model's own greedy tokens as inputs: the coarsest scale (input = class token) is unchanged, finer ones differ
+    own, _ = sar.generate_tokens(model, vae, fx['labels'], scales, None, 1, 0.0)
+    per_own = sar.exposure_bias(model, vae, gt, fx['labels'], scales, own)
+    assert per_own[scales[0]][0] == pytest.approx(per[scales[0]][0], rel=1e-5)
+    assert any(abs(per_own[pn][0] - per[pn][0]) > 1e-3 for pn in scales[1:])
+
+
+def test_diagnose_cli(capsys, tiny_vae_path, tmp_path):
+    out = str(tmp_path / 'run')
+    sar.main(train_args(tiny_vae_path, out, '--steps', '2', '--data', 'toy'))
+    sar.main(['--diagnose', '--ckpt', os.path.join(out, 'ckpt.pt'), '--diag-images', '12', '--sample-batch', '8',
+              '--top-k', '8', '--sf-top-k', '8', '--quiet'])
+    res = json.load(open(os.path.join(out, 'diagnose.json')))
+    assert res['images'] == 12 and set(res['per_scale']) == {'teacher', 'ssr', 'rollout'}
+    # the coarsest scale's input is the class token whatever the inputs are
+    first = {k: res['per_scale'][k]['1']['ce'] for k in res['per_scale']}
+    assert first['teacher'] == pytest.approx(first['rollout'], abs=1e-3) == pytest.approx(first['ssr'], abs=1e-3)
+    assert 'rollout' in capsys.readouterr().out
 
 
 def test_smoke_pipeline_train_sh(tmp_path):
