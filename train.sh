@@ -39,7 +39,7 @@ if [ "${1:-}" = study ]; then
     PRE_STEPS=${PRE_STEPS:-6}; STEPS=${STEPS:-2}; BATCH=${BATCH:-8}; NUM_SAMPLES=${NUM_SAMPLES:-2}; DIAG=${DIAG:-16}
     DEPTH=${DEPTH:-1}; TOK_FLAGS="--steps 6 --batch-size 8 --ch 16 --eval-images 16"; CLF_FLAGS="--steps 10"
   else
-    PRE_STEPS=${PRE_STEPS:-400}; STEPS=${STEPS:-100}; BATCH=${BATCH:-16}; NUM_SAMPLES=${NUM_SAMPLES:-50}; DIAG=${DIAG:-500}
+    PRE_STEPS=${PRE_STEPS:-500}; STEPS=${STEPS:-60}; BATCH=${BATCH:-16}; NUM_SAMPLES=${NUM_SAMPLES:-30}; DIAG=${DIAG:-300}
     DEPTH=${DEPTH:-4}; TOK_FLAGS=""; CLF_FLAGS=""
   fi
   # each variant's flags; all post-train from P with the same LR (3e-4, constant), steps, batch and seeds
@@ -58,7 +58,8 @@ if [ "${1:-}" = study ]; then
   git rev-parse HEAD > "$SOUT/commit.txt" 2>/dev/null || true
   start=$(date +%s)
   stamp() { echo "== [$(( $(date +%s) - start ))s] $*"; }
-  for ds in $DATASETS; do
+  study_dataset() {   # one dataset, start to end; resumable (finished runs are skipped)
+    local ds=$1 data d r seed v
     data=$([ "$ds" = mnist ] && echo "$MNIST" || echo "$ds")
     d=$SOUT/$ds
     mkdir -p "$d"
@@ -81,7 +82,14 @@ if [ "${1:-}" = study ]; then
         $PY fid.py "$r/samples.npz" "$data" --features "$d/clf.pt" --ref-split val --json "$r/eval.json" >> "$r/run.log" 2>&1
       done
     done
-  done
+  }
+  if [ "${LANES:-2}" = 2 ]; then   # the datasets side by side, one CPU thread each (2 cores)
+    pids=()
+    for ds in $DATASETS; do OMP_NUM_THREADS=1 study_dataset "$ds" & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p"; done   # a failed lane fails the study
+  else
+    for ds in $DATASETS; do study_dataset "$ds"; done
+  fi
   stamp "study done; results in $SOUT/results.json and $SOUT/results.csv"
   $PY - "$SOUT" "$BATCH" <<'PYEOF'
 import csv, glob, json, os, statistics, sys
