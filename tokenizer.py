@@ -997,8 +997,9 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    elif hasattr(os, 'sched_getaffinity'):
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # respect CPU pinning (containers, taskset)
+    elif hasattr(os, 'sched_getaffinity') and 'OMP_NUM_THREADS' not in os.environ:
+        # respect CPU pinning (containers, taskset); an explicit OMP_NUM_THREADS wins (jobs sharing the cores)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     try:
         if args.eval_only:
             model = load_tokenizer(args.eval_only, args.device, trust=args.trust)

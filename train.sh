@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole SAR recipe: tokenizer -> teacher-forcing pretraining -> SAR post-training -> sampling -> FID.
 #
-#   bash train.sh                      # the laptop pipeline on the built-in `toy` data (CPU, ~15 min)
+#   bash train.sh                      # the laptop pipeline on the built-in `toy` data (13 min on 2 CPU cores)
+#   bash train.sh study                # the reproduction study: toy + MNIST, 8 variants x 3 seeds (README)
 #   SMOKE=1 bash train.sh              # the same stages with tiny sizes (< 2 min; CI runs it)
 #   DATA=/path/imagenet/train VAE=FlexVAE.pth INIT=FlexVARd16-epo179.pth DEPTH=16 NPROC=8 bash train.sh
 #                                      # SAR post-training of the official FlexVAR-d16 with the official recipe,
