@@ -875,7 +875,7 @@ def get_parser():
     a('--seed', type=int, default=0, help='random seed (model init, data order, toy data)')
     a('--device', default='cpu', help="torch device, e.g. 'cpu' or 'cuda'")
     a('--workers', type=int, default=-1, help='DataLoader worker processes (-1: 0 for in-memory data, else up to 4)')
-    a('--threads', type=int, default=0, help='torch CPU threads (0: all cores available to this process)')
+    a('--threads', type=int, default=0, help='torch CPU threads (0: $OMP_NUM_THREADS if set, else all cores available to this process)')
     return p
 
 
