@@ -11,8 +11,9 @@ Read top to bottom, this file follows the method:
   3. the scale-wise transformer and its block-causal scale mask
   4. teacher forcing (eq. 2, 4)
   5. Stagger-Scale Rollout (eq. 5-6) and the Contrastive Student-Forcing Loss (eq. 10-11)
+  5b. what SAR replaces: naive student forcing (eq. 3), and the exposure-bias diagnostic (section 3)
   6. the training loop (1 process or torchrun DDP, AMP, atomic checkpoints, exact resume)
-  7. sampling (KV cache, classifier-free guidance)
+  7. sampling (KV cache, classifier-free guidance), then the --bench and --diagnose commands
   8. main
 
 Shapes: B batch, L tokens of a whole scale list, C model width, H heads, V codebook size, Cv codebook dim.
@@ -1268,6 +1269,10 @@ def bench_sar_parts(model, vae, images, labels, scales, args, sync, reps=3):
         uncond_ms = timed(lambda: model(torch.full_like(labels, model.num_classes), x_in, scales))
     return dict(student_pass_ms=timed(student), nograd_forward_ms=uncond_ms)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# the exposure-bias diagnostic (section 3) as a command
+# ----------------------------------------------------------------------------------------------------------
 
 def run_diagnose(args):
     """--diagnose: the exposure-bias diagnostic (section 3) of --ckpt on held-out images, per scale, for three
