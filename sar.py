@@ -1299,8 +1299,11 @@ def run_diagnose(args):
             uncond = model(torch.full_like(labels, model.num_classes), x_in, scales) if args.sf_input == 'cfg' else None
             drawn = ssr_draw(logits, uncond, scales, range(K), args, gen)
             own, _ = generate_tokens(model, vae, labels, scales, args.cfg, top_k, args.top_p, gen, args.cfg_form)
-            for kind, idx in (('teacher', gt_idx), ('ssr', [drawn[i] for i in range(K)]), ('rollout', own)):
-                for pn, (ce, acc) in exposure_bias(model, vae, gt_idx, labels, scales, idx).items():
+            stats = dict(teacher=per_scale_stats(logits, torch.cat(gt_idx, dim=1), scales),   # = exposure_bias(gt_idx)
+                         ssr=exposure_bias(model, vae, gt_idx, labels, scales, [drawn[i] for i in range(K)]),
+                         rollout=exposure_bias(model, vae, gt_idx, labels, scales, own))
+            for kind, per in stats.items():
+                for pn, (ce, acc) in per.items():
                     sums[kind][pn][0] += ce * len(labels)
                     sums[kind][pn][1] += acc * len(labels)
     L = sum(pn * pn for pn in scales)
