@@ -23,7 +23,7 @@ from scipy.ndimage import gaussian_filter
 import fid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MNIST = os.path.join(HERE, '..', 'shared', 'data', 'mnist')
+MNIST = os.environ.get('MNIST', os.path.join(HERE, 'data', 'mnist'))   # the MNIST IDX folder, optional
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -789,7 +789,7 @@ def test_domain_classifier_end_to_end(tmp_path, capsys):
     assert json.load(open(js))['fid'] == real['fid']
 
 
-@pytest.mark.skipif(not os.path.isdir(MNIST), reason='needs ../shared/data/mnist')
+@pytest.mark.skipif(not os.path.isdir(MNIST), reason='MNIST not found: set MNIST=<folder with the IDX files>')
 def test_domain_classifier_reads_mnist(tmp_path):
     clf = str(tmp_path / 'clf.pt')
     acc = fid.train_classifier(MNIST, clf, image_size=32, steps=100)

@@ -1,5 +1,5 @@
 """Tests of sar.py. Fixture tests compare with vectors computed by the official SAR/FlexVAR code
-(../shared/fixtures/flexvar_tiny.pt); the rest check invariants and closed forms.
+(tests/fixtures/flexvar_tiny.pt, see its README); the rest check invariants and closed forms.
 Run: python -m pytest -q test_sar.py"""
 
 import json
@@ -16,7 +16,7 @@ import sar
 import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, '..', 'shared', 'fixtures', 'flexvar_tiny.pt')
+FIXTURE = os.path.join(HERE, 'tests', 'fixtures', 'flexvar_tiny.pt')
 
 
 @pytest.fixture(scope='module')
@@ -544,7 +544,7 @@ from PIL import Image
 
 import tokenizer as T
 
-MNIST = os.path.join(HERE, '..', 'shared', 'data', 'mnist')
+MNIST = os.environ.get('MNIST', os.path.join(HERE, 'data', 'mnist'))   # the MNIST IDX folder, optional
 
 
 @pytest.fixture(scope='module')
@@ -862,7 +862,7 @@ def test_npz_reader_nhw_and_nhwc(tmp_path):
         T.load_dataset(str(tmp_path / 'f.npz'), 16)
 
 
-@pytest.mark.skipif(not os.path.isdir(MNIST), reason='shared MNIST missing')
+@pytest.mark.skipif(not os.path.isdir(MNIST), reason='MNIST not found: set MNIST=<folder with the IDX files>')
 def test_mnist_reader_split_and_padding():
     tr = T.load_dataset(MNIST, 32, 'train')
     va = T.load_dataset(MNIST, 32, 'val')
