@@ -1,12 +1,13 @@
-"""Tests of sar.py. Fixture tests compare with vectors computed by the official SAR/FlexVAR code
-(tests/fixtures/flexvar_tiny.pt, see its README); the rest check invariants and closed forms.
-Run: python -m pytest -q test_sar.py"""
+"""Tests of sar.py and tokenizer.py. The fixture tests compare with tensors computed by the official code
+(tests/fixtures/flexvar_tiny.pt, see its README); the rest check invariants and closed forms."""
 
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,10 @@ import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, 'tests', 'fixtures', 'flexvar_tiny.pt')
+sys.path.insert(0, os.path.join(HERE, 'experiments'))
+import bench  # noqa: E402
+import diagnose  # noqa: E402
+import naive_sf  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -36,12 +41,17 @@ def fixture_vae(fx):
 def fixture_var(fx):
     sd = sar.extract_state_dict(fx['var_state_dict'])
     model = sar.FlexVAR(**sar.config_from_state_dict(sd))
-    sar.load_state_dict_strict(model, sd)
+    sar.load_state_dict_strict(model, sd, 'fixture')
     return model.eval()
 
 
 def opts(*argv):
-    return sar.resolve_defaults(sar.get_parser().parse_args(list(argv)))
+    return sar.resolve_args(sar.get_parser().parse_args(list(argv)))
+
+
+def loss_of(model, vae, gt, x, labels, scales, o, gen=None):
+    """The training loss of the options `o` (what sar.py's loop calls), for the official 1000 classes."""
+    return sar.loss_for(o, vae, model.num_classes)(model, gt, x, labels, scales, gen)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,7 +76,8 @@ def test_fixture_tf_logits_and_mask(fx):
         uncond = model(fx['tf_logits_uncond_labels'], fx['tf_input'], fx['scales'])
     torch.testing.assert_close(logits, fx['tf_logits'], atol=1e-4, rtol=0)
     torch.testing.assert_close(uncond, fx['tf_logits_uncond'], atol=1e-4, rtol=0)
-    assert torch.equal(sar.attn_bias(fx['scales']), fx['attn_bias'])
+    m = sar.block_causal_mask(fx['scales'])           # the official additive form: 0 allowed, -inf masked
+    assert torch.equal(torch.zeros(m.shape).masked_fill_(~m, float('-inf'))[None, None], fx['attn_bias'])
 
 
 def test_fixture_sf_logits(fx):
@@ -87,7 +98,7 @@ def test_fixture_training_step_losses_and_grad_norms(fx, mode):
     model, vae = fixture_var(fx), fixture_vae(fx)
     o = opts('--mode', mode, '--cond-drop', '0', '--sf-input', 'argmax', '--gamma', str(ref['sigma']))
     gt, x = sar.gt_tokens_and_inputs(vae, fx['images'], fx['scales'])
-    loss, info = sar.compute_losses(model, vae, gt, x, fx['labels'], fx['scales'], o)
+    loss, info = loss_of(model, vae, gt, x, fx['labels'], fx['scales'], o)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
     if mode == 'tf':
@@ -104,12 +115,14 @@ def test_fixture_training_step_losses_and_grad_norms(fx, mode):
 def test_fixture_greedy_cfg_sampling(fx, form, key):
     ai, ref = fx['ar_infer'], fx['ar_infer'][key]
     model, vae = fixture_var(fx), fixture_vae(fx)
-    img, logits, idx = sar.sample(model, vae, fx['labels'], ai['infer_patch_nums'], cfg=ai['cfg'], top_k=ai['top_k'],
-                                  top_p=ai['top_p'], cfg_form=form, max_pn=ai['max_pn'], return_logits=True)
+    idx, logits = sar.generate_tokens(model, vae, fx['labels'], ai['infer_patch_nums'], cfg=ai['cfg'],
+                                      top_k=ai['top_k'], top_p=ai['top_p'], cfg_form=form, max_pn=ai['max_pn'])
     for a, b in zip(idx, ref['indices_per_scale']):
         assert torch.equal(a, b)
     for a, b in zip(logits, ref['cfg_logits_per_scale']):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    img = sar.sample(model, vae, fx['labels'], ai['infer_patch_nums'], cfg=ai['cfg'], top_k=ai['top_k'],
+                     top_p=ai['top_p'], cfg_form=form, max_pn=ai['max_pn'])
     torch.testing.assert_close(img, ref['image'], atol=1e-3, rtol=0)
 
 
@@ -168,7 +181,7 @@ def test_ssr_all_equals_student_pass_scale_by_scale():
         assert which == list(range(1, K))
         for i in range(1, K):
             prefix = scales[:i + 1]
-            x = vae.tf_input([drawn[j] for j in range(i + 1)], prefix)
+            x = sar.tf_input(vae, [drawn[j] for j in range(i + 1)], prefix)
             one = model(lab, x, prefix)[:, be[i][0]:be[i][1]]
             torch.testing.assert_close(all_logits[:, be[i][0] - 1:be[i][1] - 1], one, atol=1e-5, rtol=0)
 
@@ -180,7 +193,7 @@ def test_teacher_targets_carry_no_gradient():
     images, labels = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([2, 5])
     gt, x = sar.gt_tokens_and_inputs(vae, images, scales)
     o = opts('--mode', 'sar', '--cond-drop', '0', '--sf-input', 'argmax', '--sf-transitions', 'all', '--gamma', '0.5')
-    loss, info = sar.compute_losses(model, vae, gt, x, labels, scales, o)
+    loss, info = loss_of(model, vae, gt, x, labels, scales, o)
     g_total = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     with torch.no_grad():
         tf_logits = model(labels, x, scales)
@@ -197,19 +210,20 @@ def test_teacher_targets_carry_no_gradient():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_cfg_sf_uncond_pass_is_outside_autograd():
-    """The unconditional logits only serve to sample SF inputs: the loss graph must not contain them
-    (the official code backpropagates through them for nothing). With the same RNG, the loss with
-    --sf-input cfg has the same gradient as recomputing it from the drawn tokens."""
+@pytest.mark.parametrize('sf_cfg,passes', [('1.2', [True, False, True]), ('1.0', [True, True])])
+def test_cfg_sf_uncond_pass_is_outside_autograd(sf_cfg, passes):
+    """The unconditional logits only serve to draw SF inputs: their pass runs without autograd (the official
+    code backpropagates through them for nothing). At --sf-cfg <= 1 the official code samples unguided: no
+    unconditional pass at all."""
     model, vae, scales = small_model(), small_vae(), [1, 2, 3, 4]
     images, labels = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([2, 5])
     gt, x = sar.gt_tokens_and_inputs(vae, images, scales)
-    o = opts('--mode', 'sar', '--cond-drop', '0', '--sf-input', 'cfg', '--sf-top-k', '20')
+    o = opts('--mode', 'sar', '--cond-drop', '0', '--sf-input', 'cfg', '--sf-top-k', '20', '--sf-cfg', sf_cfg)
     calls = []
     hook = model.head.register_forward_hook(lambda m, i, out: calls.append(torch.is_grad_enabled()))
-    loss, _ = sar.compute_losses(model, vae, gt, x, labels, scales, o, torch.Generator().manual_seed(0))
+    loss_of(model, vae, gt, x, labels, scales, o, torch.Generator().manual_seed(0))
     hook.remove()
-    assert calls == [True, False, True]   # TF pass with grad, uncond pass without, student pass with grad
+    assert calls == passes   # TF pass with grad, [uncond pass without,] student pass with grad
 
 
 def test_top_k_top_p_sampler_matches_truncated_distribution():
@@ -236,16 +250,13 @@ def test_kv_cached_sampling_equals_teacher_forcing_forward():
     """The logits of every KV-cached AR step == a teacher-forcing forward on the sequence it sampled."""
     model, vae, scales = small_model(), small_vae(), [1, 2, 3, 4]
     labels = torch.tensor([1, 4, 9])
-    g = torch.Generator().manual_seed(3)
-    _, logits, idx = sar.sample(model, vae, labels, scales, cfg=0.0, top_k=10, top_p=0.9, generator=g,
-                                cfg_form='llamagen', return_logits=True)   # cfg 0 in llamagen form = uncond only
-    g = torch.Generator().manual_seed(3)
-    _, logits_c, idx_c = sar.sample(model, vae, labels, scales, cfg=1.0, top_k=10, top_p=0.9, generator=g,
-                                    cfg_form='llamagen', return_logits=True)  # cfg 1 = cond only
+    idx, logits = sar.generate_tokens(model, vae, labels, scales, cfg=0.0, top_k=10, top_p=0.9,
+                                      generator=torch.Generator().manual_seed(3), cfg_form='llamagen')  # uncond only
+    idx_c, logits_c = sar.generate_tokens(model, vae, labels, scales, cfg=None, top_k=10, top_p=0.9,
+                                          generator=torch.Generator().manual_seed(3))                   # cond only
     with torch.no_grad():
-        x = vae.tf_input(idx_c, scales)
-        tf = model(labels, x, scales)
-        tf_unc = model(torch.full_like(labels, 10), vae.tf_input(idx, scales), scales)
+        tf = model(labels, sar.tf_input(vae, idx_c, scales), scales)
+        tf_unc = model(torch.full_like(labels, 10), sar.tf_input(vae, idx, scales), scales)
     torch.testing.assert_close(torch.cat(logits_c, 1), tf, atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.cat(logits, 1), tf_unc, atol=1e-4, rtol=0)
 
@@ -259,26 +270,30 @@ def test_sampling_same_seed_same_images():
     assert not torch.equal(a, c)
 
 
-def test_npz_stream_round_trips(tmp_path):
-    rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, 7)
-    w = sar.NpzStream(str(tmp_path / 's.npz'), 7, 5, 6)
-    w.write(imgs[:4], labels[:4])
-    w.write(imgs[4:], labels[4:])
-    w.close()
-    with np.load(tmp_path / 's.npz') as z:
-        assert np.array_equal(z['arr_0'], imgs) and np.array_equal(z['labels'], labels)
-    assert not os.path.exists(tmp_path / 's.npz.tmp')
+def test_bf16_autocast_training_step_and_sampling():
+    """The CUDA default (bf16 autocast) on CPU: the losses stay close to fp32, the embeddings stay fp32,
+    sampling runs and gives finite images."""
+    model, vae, scales = small_model(), small_vae(), [1, 2, 3, 4]
+    images, labels = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([2, 5])
+    gt, x = sar.gt_tokens_and_inputs(vae, images, scales)
+    o = opts('--mode', 'sar', '--cond-drop', '0', '--sf-input', 'argmax')
+    ref, _ = loss_of(model, vae, gt, x, labels, scales, o)
+    with sar.autocast_ctx(torch.device('cpu'), 'bf16'):
+        loss, info = loss_of(model, vae, gt, x, labels, scales, o)
+        img = sar.sample(model, vae, labels, scales, 1.5, 10, 0.9, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert torch.isfinite(img).all() and img.shape == (2, 3, 16, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# training schedules
+# training schedules and the official recipe
 # ---------------------------------------------------------------------------------------------------------
 
 def test_random_scale_schedule_matches_official_statistics():
-    """Spec 3.1 (simulated with the official function, 2e5 draws): last scale 16: 66.6%, 15: 13.7%,
-    14: 10.2%, 13: 6.4%, 12: 2.8%; length 8: 39%, 9: 48%; mean L 591, min 311, max 680."""
+    """The official function, simulated with 2e5 draws: last scale 16: 66.6%, 15: 13.7%, 14: 10.2%,
+    13: 6.4%, 12: 2.8%; length 8: 39%, 9: 48%; mean L 591, min 311, max 680."""
     rng = random.Random(0)
     lists = [sar.random_scales(sar.OFFICIAL_SCALES, rng) for _ in range(20000)]
     n = len(lists)
@@ -294,6 +309,20 @@ def test_random_scale_schedule_matches_official_statistics():
     assert all(sum(p * p for p in s) <= 155 and s[0] == 1 and all(b > a for a, b in zip(s, s[1:])) for s in small)
 
 
+def test_the_full_scale_list_also_goes_through_the_random_drop():
+    """Official: the 5% fixed list is not returned early, it passes the drop step too (u > 0.9: 10% of it)."""
+    class Fixed(random.Random):      # first draw < 0.05 (the fixed list), then the drop draw u
+        def __init__(self, u):
+            super().__init__(0)
+            self.draws = [0.01, u]
+
+        def random(self):
+            return self.draws.pop(0) if self.draws else super().random()
+    assert sar.random_scales(sar.OFFICIAL_SCALES, Fixed(0.5)) == list(sar.OFFICIAL_SCALES)
+    dropped = sar.random_scales(sar.OFFICIAL_SCALES, Fixed(0.93))
+    assert len(dropped) == 9 and dropped[:2] == [1, 2] and dropped[-1] == 16
+
+
 def test_lr_schedule_closed_form():
     f = lambda s: sar.lr_at(s, 1000, 1.0, 100, 0.1, 0.05)
     assert f(0) == pytest.approx(0.005) and f(50) == pytest.approx(0.005 + 0.995 * 0.5)
@@ -302,16 +331,61 @@ def test_lr_schedule_closed_form():
     assert f(145 + 855 // 2) == pytest.approx(1 - 0.9 * (855 // 2) / 855, abs=2e-3)
 
 
+@pytest.mark.parametrize('depth,first,last', [(16, 4.68e-5, 3.0e-5), (20, 4.23e-5, 3.0e-5), (24, 1.02e-5, 2.4e-6)])
+def test_official_sar_lr_per_depth(depth, first, last):
+    """The LR of the first and last SAR step of the official runs (batch 768), computed with the official
+    lin0 function at epoch 179/249/349 of 190/260/360 (values of the official code's effective schedule)."""
+    o = opts('--mode', 'sar', '--depth', str(depth), '--batch-size', '768', '--steps', '100')
+    lrs = [sar.lr_at(s, o.steps, o.lr, o.warmup_steps, o.lr_end, o.lr_hold) for s in (0, o.steps)]
+    assert lrs[0] == pytest.approx(first, rel=0.02) and lrs[1] == pytest.approx(last, rel=0.02)
+    tf = opts('--mode', 'tf', '--depth', str(depth), '--batch-size', '768')
+    assert tf.lr == pytest.approx((8e-5 if depth == 24 else 1e-4) * 3) and tf.lr_end == (0.01 if depth == 24 else 0.1)
+
+
+def test_official_sizes_default_to_the_official_data_pipeline():
+    o = opts('--depth', '16')
+    assert (o.image_size, o.crop, o.scales) == (512, 'random', list(sar.OFFICIAL_SCALES))
+    o = opts('--depth', '16', '--image-size', '256', '--crop', 'center')     # the paper's 256 px, an option
+    assert (o.image_size, o.crop) == (256, 'center')
+    assert (opts().image_size, opts().crop) == (32, 'center')
+
+
 def test_weight_decay_groups():
-    groups = sar.param_groups(small_model(), 0.05)
-    decay = {id(p) for p in groups[0]['params']}
     m = small_model()
-    names = {n for n, p in m.named_parameters()}
-    groups = sar.param_groups(m, 0.05)
+    groups = sar.make_optimizer(m, 1e-3, 0.05).param_groups
     decay = {n for n, p in m.named_parameters() if any(p is q for q in groups[0]['params'])}
+    assert groups[0]['weight_decay'] == 0.05 and groups[1]['weight_decay'] == 0.0
     assert 'pos_1LC' not in decay and 'pos_start' not in decay and 'blocks.0.attn.scale_mul_1H11' not in decay
     assert {'class_emb.weight', 'head.weight', 'word_embed.weight', 'blocks.0.ada_lin.1.weight'} <= decay
-    assert not any(n.endswith('bias') for n in decay) and names - decay
+    assert not any(n.endswith('bias') for n in decay) and set(dict(m.named_parameters())) - decay
+
+
+def test_fp16_overflow_step_is_skipped_and_the_scale_capped():
+    """Official AMP: an inf gradient skips the step (weights and Adam state unchanged) and halves the scale;
+    training goes on; the scale never exceeds 32768 however many good steps grow it."""
+    model = small_model()
+    opt = sar.make_optimizer(model, 1e-3, 0.05)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 14, growth_interval=1)
+    x, lab = torch.randn(2, 13, 32), torch.tensor([1, 2])
+
+    def step(poison=False):
+        with torch.autocast('cpu', dtype=torch.float16):
+            loss = model(lab, x, [1, 2, 3]).float().logsumexp(-1).mean()
+        scaler.scale(loss).backward()
+        if poison:
+            model.head.weight.grad[0, 0] = float('inf')
+        return sar.optimizer_step(model, opt, scaler, 2.0)
+    step()
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = scaler.get_scale()
+    assert not torch.isfinite(step(poison=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))       # skipped
+    assert scaler.get_scale() == scale / 2
+    scales = []
+    for _ in range(6):
+        assert torch.isfinite(step())
+        scales.append(scaler.get_scale())
+    assert max(scales) == 32768.0 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -343,8 +417,26 @@ def test_resume_continues_exactly(tiny_vae_path, tmp_path):
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'b'), *common, '--resume'))
     wa, wb = weights(tmp_path / 'a' / 'ckpt.pt'), weights(tmp_path / 'b' / 'ckpt.pt')
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    w3 = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)
-    assert w3['step'] == 6
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 6
+
+
+def test_fp16_training_runs_with_the_official_scaler(tiny_vae_path, tmp_path):
+    out = tmp_path / 'fp16'
+    sar.main(train_args(tiny_vae_path, str(out), '--mode', 'sar', '--steps', '3', '--dtype', 'fp16'))
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ck['step'] == 3 and ck['scaler']['scale'] <= 32768.0
+    assert 'fp16_scale' in json.loads(open(out / 'log.jsonl').readlines()[-1])
+
+
+def test_compile_runs_a_few_steps(tiny_vae_path, tmp_path):
+    """--compile (inductor; on CPU it needs a C++ compiler) trains like the eager model."""
+    common = ('--steps', '2', '--scale-schedule', 'fixed', '--cond-drop', '0', '--drop-path', '0', '--no-flip',
+              '--dtype', 'fp32')
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'eager'), *common))
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'compiled'), *common, '--compile'))
+    wa, wb = weights(tmp_path / 'eager' / 'ckpt.pt'), weights(tmp_path / 'compiled' / 'ckpt.pt')
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
 
 
 def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
@@ -364,10 +456,11 @@ def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
     assert ck['step'] == 3 and any(s['exp_avg'].abs().sum() > 0 for s in ck['optimizer']['state'].values())
 
 
-def error_of(capsys, argv):
+def error_of(capsys, argv, main=sar.main):
+    t = time.time()
     with pytest.raises(SystemExit) as e:
-        sar.main(argv)
-    assert e.value.code == 2
+        main(argv)
+    assert e.value.code == 2 and time.time() - t < 20
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: ') and '\n' not in err and 'Traceback' not in err
     return err
@@ -376,6 +469,16 @@ def error_of(capsys, argv):
 def test_errors_bad_scales(capsys, tiny_vae_path, tmp_path):
     assert 'strictly increasing' in error_of(capsys, ['--scales', '1,3,2'])
     assert 'latent' in error_of(capsys, train_args(tiny_vae_path, str(tmp_path), '--scales', '1,2,3,4,8'))
+
+
+@pytest.mark.parametrize('flags,what', [(['--steps', '0'], '--steps 0'), (['--steps', '-3'], '--steps -3'),
+                                        (['--batch-size', '0'], '--batch-size 0'), (['--lr', '-1'], '--lr -1.0'),
+                                        (['--num-samples', '0'], '--num-samples 0'), (['--cfg', '-3'], '--cfg -3.0'),
+                                        (['--top-p', '2'], '--top-p 2.0'), (['--classes', 'a,b'], '--classes')])
+def test_bad_values_are_refused_before_any_work(capsys, tmp_path, flags, what):
+    out = tmp_path / 'never'
+    assert what in error_of(capsys, ['--out-dir', str(out), *flags])
+    assert not out.exists()                       # nothing written, no checkpoint path printed
 
 
 def test_errors_missing_vae_and_bad_checkpoint(capsys, tiny_vae_path, tmp_path):
@@ -392,7 +495,7 @@ def test_errors_missing_vae_and_bad_checkpoint(capsys, tiny_vae_path, tmp_path):
     sd.pop('head.bias')
     sd['extra.weight'] = torch.zeros(1)
     with pytest.raises(sar.UserError, match='head.bias.*extra.weight'):
-        sar.load_state_dict_strict(model, sd)
+        sar.load_state_dict_strict(model, sd, 'this file')
 
 
 def test_error_batch_not_divisible_by_processes(capsys, tiny_vae_path, tmp_path):
@@ -417,9 +520,27 @@ def test_checkpoint_needing_unpickling_is_refused_without_trust(capsys, tiny_vae
     sd = sar.FlexVAR(1, 64, 10, 32).init_weights().state_dict()
     torch.save({'trainer': {'var_wo_ddp': sd}, 'args': argparse.Namespace(a=1)}, path)
     err = error_of(capsys, train_args(tiny_vae_path, str(tmp_path / 'o'), '--init', path, '--steps', '1'))
-    assert 'trust' in err
+    assert '--trust-checkpoint' in err
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'o'), '--init', path, '--steps', '1', '--trust-checkpoint'))
     assert torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['step'] == 1
+
+
+def test_ctrl_c_saves_the_finished_steps_and_resume_continues(tiny_vae_path, tmp_path):
+    out = tmp_path / 'int'
+    cmd = [sys.executable, 'sar.py', *train_args(tiny_vae_path, str(out), '--steps', '100000', '--ckpt-every',
+                                                 '100000', '--log-every', '1')]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    for line in p.stdout:                       # wait until a few steps are done, then Ctrl-C
+        if line.startswith('{') and json.loads(line)['step'] >= 3:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and 'interrupted' in err and 'Traceback' not in err
+    step = torch.load(out / 'ckpt.pt', weights_only=True)['step']
+    assert step >= 3 and f'step {step}' in err
+    sar.main(train_args(tiny_vae_path, str(out), '--steps', str(step + 1), '--resume'))
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == step + 1
 
 
 def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
@@ -427,12 +548,20 @@ def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
     sar.main(train_args(tiny_vae_path, out, '--steps', '1'))
     ck = os.path.join(out, 'ckpt.pt')
     sar.main(['--sample', '--ckpt', ck, '--classes', '1,3', '--num-samples', '3', '--top-k', '8', '--quiet',
-              '--save-npz', str(tmp_path / 's.npz'), '--trajectory', '--save-png'])
+              '--save-npz', str(tmp_path / 's.npz'), '--trajectory', '--save-png', '--sample-batch', '4'])
     with np.load(tmp_path / 's.npz') as z:
-        assert z['arr_0'].shape == (6, 16, 16, 3) and z['arr_0'].dtype == np.uint8
-        assert z['labels'].tolist() == [1, 1, 1, 3, 3, 3]
+        arr, labels = z['arr_0'], z['labels']
+    assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8 and labels.tolist() == [1, 1, 1, 3, 3, 3]
+    # the .npz holds exactly the images sample() draws with the batch seeds, batch by batch
+    model, vae, _ = sar.load_for_sampling(ck, None, torch.device('cpu'))
+    for b in range(2):
+        lab = torch.tensor(labels[b * 4:(b + 1) * 4])
+        img = sar.sample(model, vae, lab, [1, 2, 3, 4], 1.5, 8, 0.95,
+                         torch.Generator().manual_seed(sar.step_seed(0, b)))
+        assert np.array_equal(sar.to_uint8(img), arr[b * 4:(b + 1) * 4])
     assert os.path.isfile(os.path.join(out, 'samples.png')) and os.path.isfile(os.path.join(out, 'trajectory.png'))
     assert len(os.listdir(os.path.join(out, 'samples', '3'))) == 3
+    assert not [f for f in os.listdir(out) if f.startswith('.') or f.endswith('.tmp')]
     assert 'out of range' in error_of(capsys, ['--sample', '--ckpt', ck, '--classes', '12'])
     flat = str(tmp_path / 'flat.pt')
     torch.save(sar.extract_state_dict(torch.load(ck, weights_only=True)), flat)   # an official-style flat file
@@ -443,55 +572,54 @@ def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# naive student forcing (section 4.1) and the exposure-bias diagnostic (section 3)
+# experiments/: naive student forcing (section 4.1), the exposure-bias diagnostic (section 3), the benchmark
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('schedule', ['full', 'alternate', 'interleave', 'hybrid'])
-def test_naive_sf_modes_one_step_on_fixture(fx, schedule):
-    """Each schedule trains one step on the fixture model; its inputs are GT exactly where the schedule says."""
+def naive_inputs(model, vae, gt, labels, scales, schedule, k=4, sf_input='sample', seed=0):
+    return naive_sf.naive_sf_inputs(model, vae, gt, labels, scales, schedule, k, sf_input, 50, 0.95, 1.2,
+                                    torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('schedule', ['full', 'interleave', 'hybrid'])
+def test_naive_sf_inputs_are_gt_exactly_where_the_schedule_says(fx, schedule):
     model, vae = fixture_var(fx), fixture_vae(fx)
     scales, labels = fx['scales'], fx['labels']
     gt, x_tf = sar.gt_tokens_and_inputs(vae, fx['images'], scales)
-    o = opts('--mode', 'sf', '--sf-schedule', schedule, '--sf-hybrid-k', str(scales[2]), '--cond-drop', '0',
-             '--sf-input', 'sample', '--sf-top-k', '50')
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = [p.detach().clone() for p in model.parameters()]
-    for step in (0, 1):  # alternate: step 0 is TF, step 1 is SF
-        loss, info = sar.compute_losses(model, vae, gt, x_tf, labels, scales, o, torch.Generator().manual_seed(0), step=step)
-        assert torch.isfinite(loss)
-        loss.backward()
-    opt.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    x_sf = sar.naive_sf_inputs(model, vae, gt, labels, scales, o, torch.Generator().manual_seed(0))
-    be = sar.begin_ends(scales)
-    off = scales[0] ** 2
-    K = len(scales)   # 0-based scales whose input stays GT: interleave = 1-based odd; hybrid@k = side <= k
-    kept = {'interleave': [i for i in range(K) if i % 2 == 0],
+    x_sf = naive_inputs(model, vae, gt, labels, scales, schedule, k=scales[2])
+    be, off, K = sar.begin_ends(scales), scales[0] ** 2, len(scales)
+    kept = {'interleave': [i for i in range(K) if i % 2 == 0],    # 0-based scales whose input stays GT
             'hybrid': [i for i in range(K) if scales[i] <= scales[2]]}.get(schedule, [])
-    for i in range(1, len(scales)):
+    for i in range(1, K):
         a, b = be[i][0] - off, be[i][1] - off
-        same = torch.allclose(x_sf[:, a:b], x_tf[:, a:b])
-        assert same == (i in kept), (schedule, i)
-    # alternate's even steps are exactly teacher forcing
-    if schedule == 'alternate':
-        model.eval()
-        l_tf, _ = sar.compute_losses(model, vae, gt, x_tf, labels, scales, opts('--mode', 'tf', '--cond-drop', '0'))
-        l_alt, _ = sar.compute_losses(model, vae, gt, x_tf, labels, scales, o, step=2)
-        assert l_alt.item() == pytest.approx(l_tf.item(), rel=1e-6)
+        assert torch.allclose(x_sf[:, a:b], x_tf[:, a:b]) == (i in kept), (schedule, i)
 
 
 def test_naive_sf_rollout_is_the_sampler():
-    """The full-SF inputs are built from exactly the tokens the sampler generates with the same generator."""
+    """Full naive SF: the inputs are built from exactly the tokens the sampler draws with the same generator."""
     model, vae = small_model(), small_vae()
     scales, labels = [1, 2, 3, 4], torch.tensor([0, 3, 7])
-    o = opts('--mode', 'sf', '--sf-input', 'sample', '--sf-top-k', '20', '--sf-top-p', '0.9')
     gt = [torch.randint(0, 64, (3, pn * pn)) for pn in scales]
-    x_sf = sar.naive_sf_inputs(model, vae, gt, labels, scales, o, torch.Generator().manual_seed(5))
-    own, _ = sar.generate_tokens(model, vae, labels, scales, None, 20, 0.9, torch.Generator().manual_seed(5),
-                                 official_grid=False)
-    torch.testing.assert_close(x_sf, vae.tf_input(own, scales))
-    assert not torch.allclose(x_sf, vae.tf_input(gt, scales))
+    x_sf = naive_inputs(model, vae, gt, labels, scales, 'full', seed=5)
+    own, _ = sar.generate_tokens(model, vae, labels, scales, None, 50, 0.95, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(x_sf, sar.tf_input(vae, own, scales))
+    assert not torch.allclose(x_sf, sar.tf_input(vae, gt, scales))
+
+
+def test_naive_sf_cli_alternate_is_teacher_forcing_on_even_steps(tiny_vae_path, tmp_path):
+    """Through the command line: 'alternate' trains exactly like teacher forcing on step 0 (same weights after
+    one step), and differs from it after two (step 1 is student-forced); a resumed run keeps the parity."""
+    common = ('--scale-schedule', 'fixed', '--cond-drop', '0', '--drop-path', '0', '--no-flip', '--sf-top-k', '16')
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'tf'), *common, '--steps', '1'))
+    naive_sf.main(['--schedule', 'alternate', *train_args(tiny_vae_path, str(tmp_path / 'alt'), *common, '--steps',
+                                                          '1')])
+    wa, wb = weights(tmp_path / 'tf' / 'ckpt.pt'), weights(tmp_path / 'alt' / 'ckpt.pt')
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    naive_sf.main(['--schedule', 'alternate', *train_args(tiny_vae_path, str(tmp_path / 'alt'), *common, '--steps',
+                                                          '3', '--resume')])
+    naive_sf.main(['--schedule', 'alternate', *train_args(tiny_vae_path, str(tmp_path / 'alt3'), *common,
+                                                          '--steps', '3')])
+    wa, wb = weights(tmp_path / 'alt' / 'ckpt.pt'), weights(tmp_path / 'alt3' / 'ckpt.pt')
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_exposure_bias_with_gt_inputs_equals_tf_loss(fx):
@@ -500,12 +628,12 @@ def test_exposure_bias_with_gt_inputs_equals_tf_loss(fx):
     gt, x = sar.gt_tokens_and_inputs(vae, fx['images'], scales)
     with torch.no_grad():
         loss = sar.token_ce(model(fx['labels'], x, scales), torch.cat(gt, 1))
-    per = sar.exposure_bias(model, vae, gt, fx['labels'], scales, gt)
+    per = diagnose.exposure_bias(model, vae, gt, fx['labels'], scales, gt)
     mean = sum(per[pn][0] * pn * pn for pn in scales) / sum(pn * pn for pn in scales)
     assert mean == pytest.approx(loss.item(), rel=1e-5)
     # the model's own greedy tokens as inputs: the coarsest scale (input = class token) is unchanged, finer ones differ
     own, _ = sar.generate_tokens(model, vae, fx['labels'], scales, None, 1, 0.0)
-    per_own = sar.exposure_bias(model, vae, gt, fx['labels'], scales, own)
+    per_own = diagnose.exposure_bias(model, vae, gt, fx['labels'], scales, own)
     assert per_own[scales[0]][0] == pytest.approx(per[scales[0]][0], rel=1e-5)
     assert any(abs(per_own[pn][0] - per[pn][0]) > 1e-3 for pn in scales[1:])
 
@@ -513,14 +641,29 @@ def test_exposure_bias_with_gt_inputs_equals_tf_loss(fx):
 def test_diagnose_cli(capsys, tiny_vae_path, tmp_path):
     out = str(tmp_path / 'run')
     sar.main(train_args(tiny_vae_path, out, '--steps', '2', '--data', 'toy'))
-    sar.main(['--diagnose', '--ckpt', os.path.join(out, 'ckpt.pt'), '--diag-images', '12', '--sample-batch', '8',
-              '--top-k', '8', '--sf-top-k', '8', '--quiet'])
+    diagnose.main(['--ckpt', os.path.join(out, 'ckpt.pt'), '--images', '12', '--sample-batch', '8',
+                   '--top-k', '8', '--sf-top-k', '8', '--quiet'])
     res = json.load(open(os.path.join(out, 'diagnose.json')))
     assert res['images'] == 12 and set(res['per_scale']) == {'teacher', 'ssr', 'rollout'}
     # the coarsest scale's input is the class token whatever the inputs are
     first = {k: res['per_scale'][k]['1']['ce'] for k in res['per_scale']}
     assert first['teacher'] == pytest.approx(first['rollout'], abs=1e-3) == pytest.approx(first['ssr'], abs=1e-3)
     assert 'rollout' in capsys.readouterr().out
+    assert '--ckpt' in error_of(capsys, [], main=diagnose.main)
+
+
+def test_bench_runs_and_reports_sar_parts(capsys, tiny_vae_path):
+    res = bench.main(['--vae', tiny_vae_path, '--depth', '1', '--batch-size', '2', '--scales', '1,2,3,4',
+                      '--image-size', '16', '--bench-steps', '2', '--mode', 'sar', '--sf-input', 'cfg'])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out['ms_per_step'] > 0 and out['student_pass_ms'] > 0 and out['nograd_forward_ms'] > 0
+    # FLOPs of a SAR-cfg step: 3 x the forward (fwd + bwd) + the no-grad uncond forward + 3 x the student pass
+    m = sar.FlexVAR(1, 64, 1000, 32)
+    f = lambda s: 2 * sum(p * p for p in s) * (12 * 64 * 64 + 64 * 64) + 4 * 64 * sum(
+        p * p * sum(q * q for q in s[:i + 1]) for i, p in enumerate(s))
+    args = opts('--mode', 'sar', '--sf-input', 'cfg', '--depth', '1')
+    assert bench.train_flops_per_image(m, [1, 2, 3, 4], args) == 4 * f([1, 2, 3, 4]) + 3 * f([1, 4])
+    assert res == out
 
 
 def test_smoke_pipeline_train_sh(tmp_path):
@@ -539,6 +682,10 @@ def test_smoke_pipeline_train_sh(tmp_path):
 # =========================================================================================================
 
 import io
+import math
+import re
+import time
+
 import torch.nn.functional as F
 from PIL import Image
 
@@ -550,8 +697,9 @@ MNIST = os.environ.get('MNIST', os.path.join(HERE, 'data', 'mnist'))   # the MNI
 @pytest.fixture(scope='module')
 def fx_vae(fx):
     c = fx['vae_config']
-    vae = T.VQVAE(codebook_size=c['codebook_size'], codebook_dim=c['codebook_embed_dim'], z_channels=c['z_channels'],
-                  ch=c['base_ch'], ch_mult=c['encoder_ch_mult'], num_res_blocks=c['num_res_blocks'])
+    vae = T.VQVAE(codebook_size=c['codebook_size'], codebook_dim=c['codebook_embed_dim'],
+                  z_channels=c['z_channels'], ch=c['base_ch'], ch_mult=c['encoder_ch_mult'],
+                  num_res_blocks=c['num_res_blocks'])
     vae.load_state_dict(fx['vae_state_dict'], strict=True)
     return vae.eval()
 
@@ -582,7 +730,7 @@ def test_fixture_tokens_per_scale(fx, fx_vae):
 
 def test_fixture_tf_input(fx, fx_vae):
     with torch.no_grad():
-        x = fx_vae.tf_input(fx['gt_idx_per_scale'], fx['scales'])
+        x = sar.tf_input(fx_vae, fx['gt_idx_per_scale'], fx['scales'])
     assert x.shape == (2, 102, 32)
     torch.testing.assert_close(x, fx['tf_input'], atol=1e-4, rtol=0)
 
@@ -599,19 +747,20 @@ def test_fixture_decodes(fx, fx_vae):
 def test_fixture_load_tokenizer_official_layout(fx, tmp_path):
     # our checkpoint format with the fixture's config loads strictly and gives the same latent
     c = fx['vae_config']
-    cfg = dict(codebook_size=c['codebook_size'], codebook_dim=c['codebook_embed_dim'], z_channels=c['z_channels'],
-               ch=c['base_ch'], ch_mult=tuple(c['encoder_ch_mult']), num_res_blocks=c['num_res_blocks'])
-    T.save_atomic({'config': cfg, 'model': fx['vae_state_dict'], 'scales': [1, 2, 3, 5, 8], 'image_size': 128},
-                  tmp_path / 'tok.pt')
+    cfg = dict(codebook_size=c['codebook_size'], codebook_dim=c['codebook_embed_dim'],
+               z_channels=c['z_channels'], ch=c['base_ch'], ch_mult=tuple(c['encoder_ch_mult']),
+               num_res_blocks=c['num_res_blocks'])
+    T.save_atomic({'config': cfg, 'model': fx['vae_state_dict'], 'scales': [1, 2, 3, 5, 8],
+                   'image_size': 128}, tmp_path / 'tok.pt')
     vae = T.load_tokenizer(tmp_path / 'tok.pt')
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     assert vae.scales == [1, 2, 3, 5, 8] and vae.image_size == 128
     with torch.no_grad():
         torch.testing.assert_close(vae.encode_conti(fx['images']), fx['vae_h_conti'], atol=1e-4, rtol=0)
-    # the official layout {'model': sd} without a config means the real FlexVAE: the tiny weights must not fit,
-    # and the error names the offending keys
+    # the official layout {'model': sd} without a config means the real FlexVAE: the tiny weights must not
+    # fit, and the error names the offending keys
     T.save_atomic({'model': fx['vae_state_dict']}, tmp_path / 'official.pt')
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(T.UserError) as e:
         T.load_tokenizer(tmp_path / 'official.pt')
     msg = str(e.value)
     assert 'mis-shaped' in msg and 'encoder.conv_in.weight' in msg and 'missing' in msg
@@ -631,8 +780,10 @@ def test_real_flexvae_size():
     assert sd['decoder.conv_in.weight'].shape == (512, 256, 3, 3)
     assert sd['encoder.conv_out.weight'].shape == (256, 512, 3, 3)
     nin = sorted(k for k in sd if 'nin_shortcut.weight' in k)
-    assert nin == ['decoder.conv_blocks.1.res.0.nin_shortcut.weight', 'decoder.conv_blocks.3.res.0.nin_shortcut.weight',
-                   'encoder.conv_blocks.2.res.0.nin_shortcut.weight', 'encoder.conv_blocks.4.res.0.nin_shortcut.weight']
+    assert nin == ['decoder.conv_blocks.1.res.0.nin_shortcut.weight',
+                   'decoder.conv_blocks.3.res.0.nin_shortcut.weight',
+                   'encoder.conv_blocks.2.res.0.nin_shortcut.weight',
+                   'encoder.conv_blocks.4.res.0.nin_shortcut.weight']
     assert sd['encoder.conv_blocks.2.res.0.nin_shortcut.weight'].shape == (256, 128, 1, 1)
     assert sd['decoder.conv_blocks.1.res.0.nin_shortcut.weight'].shape == (256, 512, 1, 1)
     assert len([k for k in sd if k.startswith('decoder.conv_blocks.0.attn.') and k.endswith('q.weight')]) == 3
@@ -681,11 +832,12 @@ def test_tokenize_embed_upsample_tf_input():
     e = vae.embed(idx[2], 3)
     assert e.shape == (2, 8, 3, 3)
     torch.testing.assert_close(e[1, :, 2, 0], vae.codebook()[idx[2][1, 6]])  # row-major: (y=2, x=0) -> 6
-    tf = vae.tf_input(idx, scales)
+    tf = sar.tf_input(vae, idx, scales)
     assert tf.shape == (2, 4 + 9 + 64, 8)
     # bicubic upsampling of a 1x1 map is constant: the first 4 inputs all equal the scale-1 code
     torch.testing.assert_close(tf[:, :4], vae.codebook()[idx[0]].expand(2, 4, 8))
     up = F.interpolate(vae.embed(idx[2], 3), size=(8, 8), mode='bicubic', align_corners=False)
+    torch.testing.assert_close(sar.upsample(vae.embed(idx[2], 3), 8), up)
     torch.testing.assert_close(tf[:, 13:], up.flatten(2).transpose(1, 2))
     with torch.no_grad():
         assert vae.decode_code(idx[1], 2).shape == (2, 3, 4, 4)
@@ -698,10 +850,12 @@ def test_load_tokenizer_mismatch_lists_keys(tmp_path):
     sd['extra.weight'] = torch.zeros(1)
     del sd['post_quant_conv.bias']
     T.save_atomic({'config': vae.config, 'model': sd}, tmp_path / 'x.pt')
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(T.UserError) as e:
         T.load_tokenizer(tmp_path / 'x.pt')
-    assert 'extra.weight' in str(e.value) and 'post_quant_conv.bias' in str(e.value)
-    with pytest.raises(FileNotFoundError) as e:
+    msg = str(e.value)
+    assert '1 missing key(s): post_quant_conv.bias' in msg and '1 unexpected key(s): extra.weight' in msg, msg
+    assert 'mis-shaped' not in msg and str(tmp_path / 'x.pt') in msg
+    with pytest.raises(T.UserError) as e:
         T.load_tokenizer(tmp_path / 'nope.pt')
     assert 'nope.pt' in str(e.value)
 
@@ -721,11 +875,15 @@ def test_save_atomic_and_load_checkpoint(tmp_path):
     # objects outside the weights_only allow-list need the trust flag
     import argparse
     T.save_atomic({'args': argparse.Namespace(a=1)}, p)
-    with pytest.raises(RuntimeError, match='trust'):
+    with pytest.raises(T.UserError, match='if you trust this file, pass --trust-checkpoint'):
         T.load_checkpoint(p)
     assert T.load_checkpoint(p, trust=True)['args'].a == 1
-    with pytest.raises(FileNotFoundError, match='missing.pt'):
+    with pytest.raises(T.UserError, match='checkpoint not found: .*missing.pt'):
         T.load_checkpoint(tmp_path / 'missing.pt')
+    (tmp_path / 'notes.pt').write_text('hello, not a checkpoint')  # a text file, with or without trust
+    for trust in (False, True):
+        with pytest.raises(T.UserError, match='notes.pt is not a checkpoint'):
+            T.load_checkpoint(tmp_path / 'notes.pt', trust=trust)
 
 
 def test_save_image_grid(tmp_path):
@@ -771,10 +929,13 @@ def make_folder(root):
     os.makedirs(root / 'ant' / 'nested')
     good = {}
     Image.new('RGB', (40, 30), (200, 10, 10)).save(root / 'cat' / 'red.png'); good['red'] = (200, 10, 10)
-    Image.new('RGB', (32, 32), (10, 200, 10)).save(root / 'cat' / 'green.jpg', quality=95); good['green'] = (10, 200, 10)
+    Image.new('RGB', (32, 32), (10, 200, 10)).save(root / 'cat' / 'green.jpg', quality=95)
+    good['green'] = (10, 200, 10)
     Image.new('L', (32, 32), 100).save(root / 'ant' / 'gray.png'); good['gray'] = (100, 100, 100)
-    Image.new('CMYK', (32, 32), (0, 255, 255, 0)).save(root / 'ant' / 'cmyk.jpg', quality=95); good['cmyk'] = (255, 0, 0)
-    Image.new('RGBA', (32, 32), (10, 20, 230, 128)).save(root / 'ant' / 'nested' / 'rgba.png'); good['rgba'] = (10, 20, 230)
+    Image.new('CMYK', (32, 32), (0, 255, 255, 0)).save(root / 'ant' / 'cmyk.jpg', quality=95)
+    good['cmyk'] = (255, 0, 0)
+    Image.new('RGBA', (32, 32), (10, 20, 230, 128)).save(root / 'ant' / 'nested' / 'rgba.png')
+    good['rgba'] = (10, 20, 230)
     Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(root / 'ant' / 'deep16.png')
     good['deep16'] = (156, 156, 156)  # 40000 / 257 = 155.6
     buf = io.BytesIO()
@@ -833,11 +994,11 @@ def test_missing_or_empty_dataset_names_path(tmp_path):
             os.makedirs(bad / 'cls')
         if bad.name == 'noimg':
             (bad / 'cls' / 'a.txt').write_text('x')
-        with pytest.raises(T.DataError) as e:
+        with pytest.raises(T.UserError) as e:
             T.load_dataset(str(bad), 32)
         assert str(bad) in str(e.value)
     (tmp_path / 'x.npz').write_bytes(b'junk')
-    with pytest.raises(T.DataError, match='x.npz'):
+    with pytest.raises(T.UserError, match='x.npz is not a valid .npz'):
         T.load_dataset(str(tmp_path / 'x.npz'), 32)
 
 
@@ -849,7 +1010,8 @@ def test_npz_reader_nhw_and_nhwc(tmp_path):
     ds = T.load_dataset(str(tmp_path / 'g.npz'), 28, 'all')
     x, y = ds[7]
     assert x.shape == (3, 28, 28) and y == 3 and ds.num_classes == 4
-    torch.testing.assert_close(x[1], torch.from_numpy(nhw[7]).float() / 127.5 - 1)  # grey copied to all channels
+    # grey copied to all channels
+    torch.testing.assert_close(x[1], torch.from_numpy(nhw[7]).float() / 127.5 - 1)
     nhwc = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / 'c.npz', images=nhwc, labels=labels)
     ds = T.load_dataset(str(tmp_path / 'c.npz'), 16, 'all')
@@ -858,7 +1020,7 @@ def test_npz_reader_nhw_and_nhwc(tmp_path):
     tr, va = (T.load_dataset(str(tmp_path / 'c.npz'), 16, s) for s in ('train', 'val'))
     assert len(tr) + len(va) == 40 and len(va) == 2
     np.savez(tmp_path / 'f.npz', images=nhwc.astype(np.float32))
-    with pytest.raises(T.DataError, match='uint8'):
+    with pytest.raises(T.UserError, match='uint8'):
         T.load_dataset(str(tmp_path / 'f.npz'), 16)
 
 
@@ -887,9 +1049,11 @@ def run_cli(*args):
 def test_help_documents_every_flag():
     parser = T.get_parser()
     opts = [a for a in parser._actions if a.option_strings and a.dest != 'help']
-    assert {'--data', '--image-size', '--out', '--steps', '--batch-size', '--lr', '--codebook-size', '--codebook-dim',
-            '--ch', '--ch-mult', '--z-channels', '--num-res-blocks', '--scales', '--ckpt-every', '--resume', '--seed',
-            '--device', '--workers', '--eval-only'} <= {s for a in opts for s in a.option_strings}
+    assert {'--data', '--image-size', '--out', '--steps', '--batch-size', '--lr', '--codebook-size',
+            '--codebook-dim', '--ch', '--ch-mult', '--z-channels', '--num-res-blocks', '--scales',
+            '--ckpt-every', '--resume', '--seed', '--device', '--workers', '--eval-only', '--trust-checkpoint',
+            '--crop'} <= \
+        {s for a in opts for s in a.option_strings}
     for a in opts:
         assert a.help and len(a.help) > 10, a.option_strings
     r = run_cli('--help')
@@ -918,9 +1082,13 @@ TINY = ['--data', 'toy', '--image-size', '16', '--ch', '8', '--ch-mult', '1,2', 
         '--batch-size', '4', '--eval-images', '8', '--ckpt-every', '2']
 
 
-def test_train_smoke_checkpoint_and_resume(tmp_path, capsys):
+def test_train_smoke_checkpoint_and_resume(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / 'tok.pt')
+    lr_at, seen = T.lr_at, []
+    monkeypatch.setattr(T, 'lr_at', lambda *a, **k: seen.append((a, k)) or lr_at(*a, **k))
     T.main(TINY + ['--steps', '3', '--out', out])
+    # the learning rate follows the shared 'lin0' schedule: warm-up 5% of the steps (at least 1), end at 10%
+    assert seen == [((s, 3, 2e-3, 1), dict(end_frac=0.1, hold_frac=0.0)) for s in range(3)]
     ck = T.load_checkpoint(out)
     assert ck['step'] == 3 and ck['scales'] == [1, 2, 4, 8] and ck['image_size'] == 16
     assert ck['config']['codebook_size'] == 16 and not os.path.exists(out + '.tmp')
@@ -966,3 +1134,298 @@ def test_kmeans_init_and_dead_code_restart():
         assert (zn @ torch.nn.functional.normalize(w[k], dim=0)).max() > 0.99
         assert opt.state[w]['exp_avg'][k].abs().sum() == 0 and last_used[k] == 100
     assert opt.state[w]['exp_avg'][0].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- helpers shared by the scripts
+
+def test_to_uint8_one_rounding_rule():
+    m = torch.arange(-8, 521)  # x = m / 256 - 1 is exact in float32; covers [-1, 1] and values to clamp
+    x = (m.float() / 256 - 1).view(-1, 1, 1, 1).expand(-1, 3, 1, 2)
+    got = T.to_uint8(x)
+    xd = np.clip(m.numpy() / 256 - 1, -1, 1)
+    want = np.floor((xd + 1) * 127.5 + 0.5).astype(np.uint8)  # torchvision save_image's rule, in float64
+    assert got.shape == (len(m), 1, 2, 3) and got.dtype == np.uint8
+    assert (got == want[:, None, None, None]).all()
+    assert got[m.tolist().index(256)].max() == 128  # x = 0 -> 127.5 -> 128
+    # uint8 -> [-1, 1] (what the data readers return) -> uint8 is the identity
+    a = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)
+    assert (T.to_uint8(T.to_tensor(a)[None])[0] == a).all()
+
+
+def test_parse_ints_scales_and_check_scales():
+    assert T.parse_ints('1, 2,3', '--x') == [1, 2, 3] and T.parse_ints('4_8', '--x') == [4, 8]
+    for bad in ('', '1,a', '0,1', '-2', '1.5'):
+        with pytest.raises(T.UserError, match='--ch-mult'):
+            T.parse_ints(bad, '--ch-mult')
+    assert T.parse_scales('1,2,4') == [1, 2, 4]
+    for bad, why in (('4', 'at least two'), ('1,3,3', 'increasing'), ('2,1', 'increasing'),
+                     ('1,x', 'integers')):
+        with pytest.raises(T.UserError, match=why) as e:
+            T.parse_scales(bad, '--sample-scales')
+        assert '--sample-scales' in str(e.value)
+    T.check_scales([1, 2, 16], 16)
+    with pytest.raises(T.UserError, match='the finest scale must be <= 8'):
+        T.check_scales([1, 2, 16], 8)
+
+
+def test_lr_at_lin0_closed_form():
+    peak = 2.0
+    assert T.lr_at(0, 100, peak, 10, 0.1, 0.0) == pytest.approx(0.005 * peak)
+    assert T.lr_at(5, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak * (0.005 + 0.995 * 0.5))
+    assert T.lr_at(10, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak)
+    assert T.lr_at(55, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak * (1 - 0.9 * 0.5))  # half-way down
+    assert T.lr_at(100, 100, peak, 10, 0.1, 0.0) == pytest.approx(0.1 * peak)
+    assert T.lr_at(50, 100, peak, 10, 0.1, 0.5) == pytest.approx(peak)  # inside the hold
+    assert T.lr_at(100, 100, peak, 10, 0.1, 0.5) == pytest.approx(0.1 * peak)
+
+
+def test_load_state_dict_strict_report():
+    m = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(6)])  # 12 keys
+    sd = {k: torch.full_like(v, 7.0) for k, v in m.state_dict().items()}
+    T.load_state_dict_strict(m, sd, 'x')
+    assert (m[3].weight == 7).all()  # it did load
+    sd = {f'extra.{i}': torch.zeros(1) for i in range(10)}
+    sd['0.weight'] = torch.zeros(3, 2)
+    with pytest.raises(T.UserError) as e:
+        T.load_state_dict_strict(m, sd, 'ckpt.pt')
+    msg = str(e.value)
+    assert msg.startswith('ckpt.pt does not match the model: 11 missing key(s): 0.bias, 1.weight, 1.bias,'), \
+        msg
+    assert '10 unexpected key(s): extra.0, ' in msg and 'extra.8' not in msg and msg.count(' ...') == 2
+    assert msg.endswith('1 mis-shaped key(s): 0.weight file (3, 2) vs model (2, 2)'), msg
+
+
+def test_group_norm_of_a_single_value_is_its_bias():
+    # tiny configs (one channel per group) decoding one 1x1 map: torch refuses, we return what it would
+    # compute
+    n = T.Norm(16)
+    torch.nn.init.normal_(n.weight)
+    torch.nn.init.normal_(n.bias)
+    x = torch.randn(1, 16, 1, 1)
+    ref = F.group_norm(torch.cat([x, 2 * x]), 16, n.weight, n.bias, 1e-6)[:1]  # batch of 2 is accepted
+    torch.testing.assert_close(n(x), ref, atol=1e-3, rtol=0)  # torch's one-pass variance adds ~1e-4 noise
+    assert torch.equal(n(x), n.bias.view(1, 16, 1, 1).expand(1, 16, 1, 1))
+    y = torch.randn(2, 16, 3, 3)
+    assert torch.equal(n(y), F.group_norm(y, 16, n.weight, n.bias, 1e-6))
+
+
+# ----------------------------------------------------------------------------- the official random crop
+
+def test_random_crop_short_side_distribution_and_box_halving(monkeypatch):
+    assert T.crop_side_range(256) == (256, 291) and T.crop_side_range(512) == (512, 582)  # ceil(S / 0.88)
+    assert T.crop_side_range(22) == (22, 25)  # 22 / 0.88 = 25 exactly: no extra pixel from float rounding
+    calls = []
+    resize = Image.Image.resize
+
+    def spy(self, size, resample=None, *a, **k):
+        calls.append((self.size, tuple(size), resample))
+        return resize(self, size, resample, *a, **k)
+    monkeypatch.setattr(Image.Image, 'resize', spy)
+    rng = np.random.default_rng(0)
+    img = Image.new('RGB', (90, 70))
+    sides = []
+    for _ in range(1500):
+        calls.clear()
+        assert T.random_crop(img, 64, rng).size == (64, 64)
+        (src, dst, filt), = calls  # 70 < 2 x 64: no halving, one bicubic resize
+        assert src == (90, 70) and filt == Image.BICUBIC and dst[0] == round(90 * dst[1] / 70)
+        sides.append(dst[1])
+    counts = np.bincount(sides)[64:]
+    assert len(counts) == 10 and counts.min() > 100 and counts.max() < 200  # 64..73, ~150 each: uniform
+    # a large input is first halved with BOX while its short side is >= 2 x the drawn side, then bicubic
+    for seed in range(4):
+        calls.clear()
+        T.random_crop(Image.new('RGB', (2100, 1500)), 256, np.random.default_rng(seed))
+        s = calls[-1][1][1]
+        expect, (w, h) = [], (2100, 1500)
+        while h >= 2 * s:
+            expect.append(((w, h), (w // 2, h // 2), Image.BOX))
+            w, h = w // 2, h // 2
+        assert 256 <= s <= 291 and len(expect) == 2 and calls[:-1] == expect
+        assert calls[-1] == ((w, h), (round(w * s / h), s), Image.BICUBIC)
+
+
+def test_random_crop_dataset_seeded_and_val_centre(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in 'ab':
+        os.makedirs(tmp_path / c)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / c / f'{i}.png')
+    tr = T.load_dataset(str(tmp_path), 32, 'train', crop='random')
+    x, y = tr[(3, 123)]
+    assert x.shape == (3, 32, 32) and y == tr.labels[3]
+    torch.manual_seed(5)
+    a = tr[(3, 7)][0]
+    torch.manual_seed(6)
+    assert torch.equal(tr[(3, 7)][0], a)  # the seed alone decides, not torch's RNG
+    assert len({tr[(3, s)][0].numpy().tobytes() for s in range(8)}) >= 6  # different seeds, different crops
+    torch.manual_seed(1)
+    b = tr[3][0]
+    torch.manual_seed(1)
+    assert torch.equal(tr[3][0], b)  # without a seed: torch's RNG (which DataLoader seeds per worker)
+    # the val split always uses the centre crop
+    va = T.load_dataset(str(tmp_path), 32, 'val', crop='random')
+    centre = T.load_dataset(str(tmp_path), 32, 'val')
+    assert torch.equal(va[(0, 1)][0], va[(0, 2)][0]) and torch.equal(va[0][0], centre[0][0])
+    # the other datasets accept (i, seed) and have no random crop; with flip the seed decides the flip
+    toy = T.load_dataset('toy', 16, 'val')
+    assert torch.equal(toy[(4, 99)][0], toy[4][0])
+    flip = T.load_dataset('toy', 16, 'val', flip=True)
+    assert torch.equal(flip[(4, 3)][0], flip[(4, 3)][0])
+    assert {flip[(4, s)][0].numpy().tobytes() for s in range(16)} == \
+        {toy[4][0].numpy().tobytes(), toy[4][0].flip(-1).numpy().tobytes()}
+    with pytest.raises(T.UserError, match='crop'):
+        T.load_dataset('toy', 16, crop='corner')
+
+
+def test_512px_latent_is_32x32_and_every_scale_is_area_pooled(tmp_path):
+    # the official 512 px setting: a 16x-downsampling tokenizer gives a 32x32 latent and the scale list
+    # stops at 16, so every scale, 16 included, is area-pooled from that latent
+    os.makedirs(tmp_path / 'k')
+    img = np.random.default_rng(0).integers(0, 256, (600, 700, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / 'k' / 'a.png')
+    x = T.load_dataset(str(tmp_path), 512, 'all', crop='random')[(0, 3)][0][None]
+    assert x.shape == (1, 3, 512, 512)
+    vae = small_tok(ch=8, ch_mult=(1, 1, 1, 1, 1), z_channels=8)
+    assert vae.downsample == 16
+    scales = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+    with torch.no_grad():
+        h = vae.encode_conti(x)
+    assert h.shape == (1, 8, 32, 32)
+    idx = vae.tokenize(x, scales)
+    for pn, t in zip(scales, idx):
+        pooled = F.interpolate(h, (pn, pn), mode='area')
+        assert t.shape == (1, pn * pn) and torch.equal(t, vae.quantize(pooled)), pn
+        if 32 % pn == 0:  # area pooling = the mean of each (32/pn) x (32/pn) block of latent cells
+            k = 32 // pn
+            torch.testing.assert_close(pooled, h.view(1, 8, pn, k, pn, k).mean((3, 5)))
+    assert not torch.equal(idx[-1], vae.quantize(h[:, :, ::2, ::2]))  # pooled, not subsampled
+
+
+# ----------------------------------------------------------------------------- bad input: one line, early
+
+def tok_error(capsys, argv):
+    """tokenizer.main in-process; asserts exit status 2 and a single stderr line, which it returns."""
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith('error: '), err
+    return err[0]
+
+
+@pytest.mark.parametrize('flag, value, needle', [
+    ('--steps', '0', '--steps must be >= 1'), ('--steps', '-3', '--steps must be >= 1'),
+    ('--batch-size', '0', '--batch-size must be >= 1'), ('--lr', '-1', '--lr must be a finite number > 0'),
+    ('--lr', 'nan', '--lr must be a finite number'), ('--image-size', '0', '--image-size must be >= 1'),
+    ('--image-size', '15', 'not a multiple of the downsample factor 2'),
+    ('--eval-images', '0', '--eval-images'),
+    ('--ckpt-every', '0', '--ckpt-every'), ('--codebook-size', '0', '--codebook-size'),
+    ('--beta', '-0.5', '--beta'), ('--device', 'nonsense', "--device 'nonsense'")])
+def test_bad_flags_fail_before_any_work(tmp_path, capsys, monkeypatch, flag, value, needle):
+    monkeypatch.setattr(T, 'load_dataset',
+                        lambda *a, **k: pytest.fail('data read before the flags were checked'))
+    err = tok_error(capsys, TINY + [flag, value, '--out', str(tmp_path / 'o' / 'tok.pt')])
+    assert needle in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_training_split_smaller_than_a_batch_is_refused(tmp_path, capsys):
+    # used to hang: with full batches only, an epoch of 5 images at batch 8 holds no batch, forever
+    np.savez(tmp_path / 's.npz', images=np.zeros((6, 16, 16, 3), np.uint8), labels=np.arange(6) % 2)
+    out = tmp_path / 'tok.pt'
+    t0 = time.time()
+    err = tok_error(capsys, TINY + ['--data', str(tmp_path / 's.npz'), '--batch-size', '8',
+                                    '--out', str(out)])
+    assert 'has 5 image(s), fewer than one batch (--batch-size 8)' in err and time.time() - t0 < 10
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('labels, needle', [
+    (np.array([0, 1, -1, 0, 1, 0]), "'labels' must be >= 0"),
+    (np.array([0., 1.5, 1, 0, 1, 0]), "'labels' must be integers"),
+    (np.array([1000, 1001, 1002, 1003, 1000, 1001]), 'remap them to 0..3')])
+def test_npz_labels_are_validated(tmp_path, capsys, labels, needle):
+    np.savez(tmp_path / 'l.npz', images=np.zeros((6, 8, 8), np.uint8), labels=labels)
+    with pytest.raises(T.UserError, match=re.escape(needle)):
+        T.load_dataset(str(tmp_path / 'l.npz'), 8, 'all')
+    err = tok_error(capsys, TINY + ['--data', str(tmp_path / 'l.npz'), '--out', str(tmp_path / 'o.pt')])
+    assert needle in err and 'l.npz' in err and not os.path.exists(tmp_path / 'o.pt')
+
+
+def test_text_file_named_npz(tmp_path, capsys):
+    (tmp_path / 'fake.npz').write_text('a text file, renamed')
+    err = tok_error(capsys, TINY + ['--data', str(tmp_path / 'fake.npz'), '--out', str(tmp_path / 'o.pt')])
+    assert 'fake.npz is not a valid .npz file' in err and 'pickled' not in err
+
+
+def test_one_image_val_split_and_unwritable_out(tmp_path, capsys):
+    for c in 'ab':  # 20 images: the held-out split gets exactly one
+        os.makedirs(tmp_path / 'd' / c)
+        for i in range(10):
+            colour = (25 * i, 200 if c == 'a' else 0, 50)
+            Image.new('RGB', (20, 18), colour).save(tmp_path / 'd' / c / f'{i}.png')
+    assert len(T.load_dataset(str(tmp_path / 'd'), 16, 'val')) == 1
+    out = tmp_path / 'tok.pt'
+    T.main(TINY + ['--data', str(tmp_path / 'd'), '--steps', '2', '--workers', '0', '--out', str(out)])
+    table = capsys.readouterr().out
+    assert '(1 images;' in table and out.exists() and (tmp_path / 'tok_recon.png').exists()
+    rows = [line for line in table.splitlines() if re.fullmatch(r'\s+\d+\s+\d+\s+\d+\s+\S+', line)]
+    psnr = [float(line.split()[-1]) for line in rows]
+    assert len(psnr) == 4 and all(math.isfinite(v) for v in psnr)
+    # an --out that cannot be written fails before the training run, not after it
+    (tmp_path / 'file').write_text('x')
+    for bad in (tmp_path / 'file' / 'tok.pt', tmp_path / 'd'):
+        t0 = time.time()
+        err = tok_error(capsys, TINY + ['--steps', '100000', '--out', str(bad)])
+        assert str(bad) in err and time.time() - t0 < 10, err
+
+
+def test_unreadable_image_warned_once_across_epochs_and_workers(tmp_path, capfd):
+    make_folder(tmp_path)
+    ds = T.load_dataset(str(tmp_path), 16, 'all')
+    capfd.readouterr()
+    for _ in range(2):  # two epochs, each with fresh worker processes
+        for _ in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2):
+            pass
+    err = capfd.readouterr().err
+    assert err.count('truncated.jpg') == 1, err
+
+
+def test_error_in_a_worker_process_is_one_line(tmp_path, capsys):
+    os.makedirs(tmp_path / 'd' / 'k')
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, 'JPEG')
+    for i in range(3):  # headers fine, pixel data cut: found only when a worker decodes them
+        (tmp_path / 'd' / 'k' / f'{i}.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    err = tok_error(capsys, TINY + ['--data', str(tmp_path / 'd'), '--workers', '1', '--batch-size', '1',
+                                    '--out', str(tmp_path / 'o.pt')])
+    assert err == f"error: no image under {tmp_path / 'd'} could be decoded", err
+
+
+def test_empty_class_folder_is_ignored_and_val_takes_train_ids(tmp_path, capsys):
+    for c in ('a', 'b_empty', 'c'):
+        os.makedirs(tmp_path / 'f' / c / 'sub')
+    (tmp_path / 'f' / 'b_empty' / 'readme.txt').write_text('no images here')
+    for c in ('a', 'c'):
+        for i in range(3):
+            Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'f' / c / f'{i}.png')
+    ds = T.load_dataset(str(tmp_path / 'f'), 8, 'all')
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ds.class_names == ['a', 'c'] and ds.num_classes == 2 and sorted(set(ds.labels)) == [0, 1]
+    assert len(err) == 1 and err[0].startswith('warning:') and 'b_empty' in err[0], err
+    # DIR/train + DIR/val: val's labels are train's class ids, also when val lacks a class
+    for split, classes in (('train', 'ab'), ('val', 'b')):
+        for c in classes:
+            os.makedirs(tmp_path / 'tv' / split / c)
+            Image.new('RGB', (8, 8)).save(tmp_path / 'tv' / split / c / '0.png')
+    va = T.load_dataset(str(tmp_path / 'tv'), 8, 'val')
+    assert va.class_names == ['a', 'b'] and va.labels == [1]
+
+
+def test_ctrl_c_prints_interrupted(tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, 'train', interrupted)
+    with pytest.raises(SystemExit) as e:
+        T.main(['--out', str(tmp_path / 'o.pt')])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == 'interrupted'

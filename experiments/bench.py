@@ -1,0 +1,131 @@
+"""
+Time training steps of sar.py on random weights: teacher forcing, or a SAR step and its parts.
+
+    python experiments/bench.py --depth 16 --batch-size 2 --scales 1,2,3,4,5,6,8,10,13,16 --image-size 256 \
+        --dtype fp32 --bench-steps 4 --mode sar --sf-input argmax
+
+The tokenizer is the real FlexVAE architecture with random weights (it costs what the trained one costs) unless
+--vae is given. A step = tokenize the batch + the mode's loss + backward + clip + AdamW, exactly as sar.py's
+training loop does it, on the fixed --scales list. For --mode sar it also times SAR's extra work alone, for the
+floor of a SAR step: the student pass (forward + backward) and, with --sf-input cfg, the no-grad unconditional
+forward. On CUDA it reports peak memory and MFU (model FLOPs / step time / --peak-tflops).
+Prints one line per step and a JSON summary (median over the steps after the first, which is warm-up).
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sar  # noqa: E402
+from tokenizer import VQVAE, UserError  # noqa: E402
+
+
+def train_flops_per_image(model, scales, args):
+    """Matmul FLOPs of one training image: forward = 2 * (weights x tokens) + attention 4 * L_ctx * C per token
+    per layer; backward = 2 x forward. SAR adds the no-grad unconditional pass (cfg) and the student pass."""
+    C, D, V = model.C, model.depth, model.V
+
+    def fwd(s):
+        ctx = sum(pn * pn * sum(q * q for q in s[:i + 1]) for i, pn in enumerate(s))
+        return 2 * sum(pn * pn for pn in s) * (D * 12 * C * C + C * V) + 4 * ctx * C * D
+    total = 3 * fwd(scales)
+    if args.mode == 'sar':
+        total += fwd(scales) if args.sf_input == 'cfg' and args.sf_cfg > 1 else 0
+        total += 3 * (fwd([1, scales[-1]]) if args.sf_transitions == 'last' else fwd(scales))
+    return total
+
+
+def timed(fn, sync, reps):
+    """Median wall time of fn() in ms over reps runs."""
+    ts = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return round(statistics.median(ts) * 1000, 1)
+
+
+def bench(args):
+    device = sar.pick_device(args.device)
+    torch.manual_seed(args.seed)
+    vae = sar.load_vae(args.vae, device, args.trust_checkpoint) if args.vae else \
+        VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    V, Cv = vae.codebook().shape
+    model = sar.FlexVAR(args.depth, V, 1000, Cv).init_weights().to(device).train()
+    opt = sar.make_optimizer(model, args.lr, args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11) if args.dtype == 'fp16' else None
+    loss_fn = sar.loss_for(args, vae, model.num_classes)
+    fwd = torch.compile(model) if args.compile else model
+    B, scales = args.batch_size, list(args.scales)
+    images = torch.rand(B, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    labels = torch.randint(0, model.num_classes, (B,), device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(i):
+        gen = torch.Generator(device=device).manual_seed(i)
+        gt_idx, x_in = sar.gt_tokens_and_inputs(vae, images, scales)
+        with sar.autocast_ctx(device, args.dtype):
+            loss, _ = loss_fn(fwd, gt_idx, x_in, labels, scales, gen)
+        (scaler.scale(loss) if scaler else loss).backward()
+        sar.optimizer_step(model, opt, scaler, args.grad_clip)
+
+    times = []
+    for i in range(args.bench_steps):
+        times.append(timed(lambda: step(i), sync, 1))
+        print(f"step {i}: {times[-1]:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
+    med = statistics.median(times[1:] or times)
+    res = dict(depth=args.depth, params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 2), batch=B,
+               mode=args.mode, sf_input=args.sf_input if args.mode == 'sar' else None, scales=scales,
+               image_size=args.image_size, device=str(device), dtype=args.dtype, compile=args.compile,
+               ms_per_step=med, min_ms=min(times[1:] or times), images_per_s=round(B * 1000 / med, 2))
+    if args.mode == 'sar':  # SAR's extra work alone: the floor of a SAR step is TF step + these
+        gt_idx, x_in = sar.gt_tokens_and_inputs(vae, images, scales)
+        drawn = dict(enumerate(gt_idx))        # stand-in tokens: the cost does not depend on their values
+
+        def student():
+            with sar.autocast_ctx(device, args.dtype):
+                sf_logits, which = sar.student_pass(model, vae, labels, drawn, scales, args.sf_transitions)
+                loss = sar.token_ce(sf_logits, torch.cat([drawn[i] for i in which], 1))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        def uncond():
+            with torch.no_grad(), sar.autocast_ctx(device, args.dtype):
+                model(torch.full_like(labels, model.num_classes), x_in, scales)
+        res['student_pass_ms'] = timed(student, sync, 3)
+        res['nograd_forward_ms'] = timed(uncond, sync, 3)
+    if device.type == 'cuda':
+        res['peak_mem_GiB'] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        res['mfu'] = round(train_flops_per_image(model, scales, args) * B / (med / 1000) / (args.peak_tflops * 1e12), 4)
+    else:
+        import resource
+        res['peak_rss_GiB'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    print(json.dumps(res))
+    return res
+
+
+def main(argv=None):
+    p = sar.get_parser()
+    p.description = __doc__.split('\n\n')[1]
+    p.add_argument('--bench-steps', type=int, default=6, help="timed steps (the first is warm-up, excluded)")
+    p.add_argument('--peak-tflops', type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense: 989)")
+    args = p.parse_args(argv)
+    try:
+        if args.bench_steps < 1:
+            raise UserError(f"--bench-steps must be >= 1, got {args.bench_steps}")
+        return bench(sar.resolve_args(args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
