@@ -1079,13 +1079,17 @@ def save_atomic(obj, path):
 
 
 def check_writable(path, flag='--out'):
-    """Make sure a file can be written at path (its folder is created) before a long run, not after it."""
+    """Make sure a file can be written at path before a long run, not after it. Creates nothing: probes the
+    nearest folder on the path that exists (atomic_write creates the missing ones when it saves)."""
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a directory; give a file path")
     d = os.path.dirname(path)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"{flag} {path} cannot be written: {d} is a file, not a folder")
     try:
-        os.makedirs(d, exist_ok=True)
         with tempfile.TemporaryFile(dir=d):
             pass
     except OSError as e:
