@@ -1,16 +1,18 @@
 """
 FID, sFID, Inception Score, precision and recall as OpenAI's ADM evaluator computes them, in PyTorch only,
 plus a small domain classifier for FID on data far from ImageNet (MNIST, the toy set) and for offline use.
+Runs on its own (torch, numpy, pillow, tqdm); tokenizer.py is needed only for its dataset specs ('toy', an
+MNIST folder, an .npz with 'images') and to train the domain classifier.
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --weights pt_inception-2015-12-05-6726825d.pth
     python fid.py real_images/ --save-stats out/real_stats.npz          # a reusable reference
-    python fid.py --train-classifier ../shared/data/mnist --out out/clf_mnist.pt
-    python fid.py samples.npz ../shared/data/mnist --features out/clf_mnist.pt
+    python fid.py --train-classifier data/mnist --out out/clf_mnist.pt  # MNIST: the IDX files you downloaded
+    python fid.py samples.npz data/mnist --features out/clf_mnist.pt
 
 Reading order:
-  1. the FID Inception-v3 (TF "2015-12-05" graph as ported by pytorch-fid; same state_dict names) and its weights
+  1. the FID Inception-v3 (TF "2015-12-05" graph as ported by pytorch-fid; same state_dict names), its weights
   2. preprocessing: TF1 bilinear resize to 299 + (x-128)/128 like the ADM graph (default), or pytorch-fid's
-  3. image inputs: a folder, an .npz of samples (arr_0 streamed), a stats file, or a dataset spec of tokenizer.py
+  3. image inputs: a folder, an .npz of samples (arr_0 streamed), a stats file, or a tokenizer.py dataset spec
   4. metrics: Frechet distance, Inception Score, k-NN precision/recall
   5. evaluate(): the ADM evaluator's pipeline
   6. the domain classifier: training, features, domain_metrics()
@@ -35,12 +37,26 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from tokenizer import (IMG_EXTS, DataError, atomic_write, load_checkpoint, load_dataset, resize_center_crop,
-                       save_atomic, to_rgb, to_uint8)
+try:  # the project's one error type for bad input; fid.py also runs alone, without tokenizer.py beside it
+    from tokenizer import UserError
+except ImportError:
+    class UserError(Exception):
+        """Bad user input or data; main() prints it as one line `error: ...` and exits with 2."""
 
 
-class FIDError(Exception):
-    """A user-facing problem (missing weights, wrong file, unusable input). The CLI prints it as one line."""
+def atomic_write(path, write):
+    """write(f) to path.tmp, then rename over path: never a half-written file (as tokenizer.atomic_write)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 # -----------------------------------------------------------------------------
 # 1. the FID Inception-v3
@@ -164,8 +180,9 @@ class InceptionE(nn.Module):  # Mixed_7b/7c, 8x8, split 1x3 / 3x1 branches
 
 
 class FIDInception(nn.Module):
-    """Inception-v3 of the TF 2015-12-05 graph. Attribute names = keys of pt_inception-2015-12-05-6726825d.pth.
-    forward(x in [-1, 1], (N, 3, 299, 299)) -> pool (N, 2048), spatial (N, 2023), logits (N, 1008)."""
+    """Inception-v3 of the TF 2015-12-05 graph. Attribute names = keys of
+    pt_inception-2015-12-05-6726825d.pth. forward(x in [-1, 1], (N, 3, 299, 299)) -> pool (N, 2048), spatial
+    (N, 2023), logits (N, 1008)."""
 
     def __init__(self):
         super().__init__()
@@ -192,8 +209,8 @@ class FIDInception(nn.Module):
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
-        # sFID uses ADM's 'mixed_6/conv' = Mixed_6d.branch1x1; running it again here (~1% of the FLOPs) keeps the
-        # blocks plain
+        # sFID uses ADM's 'mixed_6/conv' = Mixed_6d.branch1x1; running it again here (~1% of the FLOPs) keeps
+        # the blocks plain
         spatial = self.Mixed_6d.branch1x1(x)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))
         pool = x.mean((2, 3))  # TF pool_3: 8x8 average
@@ -204,13 +221,13 @@ class FIDInception(nn.Module):
 
 
 def find_weights(path=None):
-    """The weights file: --weights PATH, else the torch hub cache, else one download with its SHA-256 checked."""
+    """The weights file: --weights PATH, else the torch hub cache, else one download, its SHA-256 checked."""
     hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
     howto = (f"get {FID_WEIGHTS_FILE} (95.6 MB, sha256 {FID_WEIGHTS_SHA256[:16]}...) from {FID_WEIGHTS_URL} "
              f"and pass --weights PATH or put it in {hub}/")
     if path:
         if not os.path.isfile(path):
-            raise FIDError(f"Inception weights not found at {path}; {howto}")
+            raise UserError(f"Inception weights not found at {path}; {howto}")
         return path
     for name in FID_WEIGHTS_NAMES:
         if os.path.isfile(os.path.join(hub, name)):
@@ -221,8 +238,8 @@ def find_weights(path=None):
         # hash_prefix with the full digest checks all of it; a failed download leaves no partial file
         torch.hub.download_url_to_file(FID_WEIGHTS_URL, dst, hash_prefix=FID_WEIGHTS_SHA256, progress=True)
     except Exception as e:
-        raise FIDError(f"Inception weights not found and the download failed ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}); {howto}") from None
+        raise UserError(f"Inception weights not found and the download failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); {howto}") from None
     return dst
 
 
@@ -232,19 +249,22 @@ def load_inception(path=None, device='cpu'):
     try:
         sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise FIDError(f"cannot read {path} as a PyTorch weights file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"cannot read {path} as a PyTorch weights file ({str(e).splitlines()[0]})") from None
     if not isinstance(sd, dict):
-        raise FIDError(f"{path} holds a {type(sd).__name__}, not a state_dict; expected {FID_WEIGHTS_FILE}")
+        raise UserError(f"{path} holds a {type(sd).__name__}, not a state_dict; expected {FID_WEIGHTS_FILE}")
     # num_batches_tracked is unused in eval mode and may or may not be in the file
     sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
     model = FIDInception()
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
     missing, extra = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
-    shapes = [f"{k} {tuple(sd[k].shape)} != {want[k]}" for k in sorted(want.keys() & sd.keys())
+    shapes = [f"{k} file {tuple(getattr(sd[k], 'shape', ()))} vs model {want[k]}"
+              for k in sorted(want.keys() & sd.keys())
               if not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != want[k]]
     if missing or extra or shapes:
-        raise FIDError(f"{path} is not the FID Inception ({FID_WEIGHTS_FILE}): {len(missing)} missing keys "
-                       f"{missing[:3]}, {len(extra)} unexpected keys {extra[:3]}, {len(shapes)} wrong shapes {shapes[:3]}")
+        parts = [f"{len(v)} {what} key(s): {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}"
+                 for what, v in (('missing', missing), ('unexpected', extra), ('mis-shaped', shapes)) if v]
+        raise UserError(f"{path} is not the FID Inception ({FID_WEIGHTS_FILE}): it does not match the model: "
+                        + '; '.join(parts))
     model.load_state_dict(sd)  # a plain dict has no BN version metadata, so BN fills in num_batches_tracked
     return model.to(device).eval()
 
@@ -254,7 +274,8 @@ def load_inception(path=None, device='cpu'):
 
 def tf_resize_axis(x, dim, size):
     """TF1 ResizeBilinear along one axis (align_corners=False, no half-pixel centres): output pixel j samples
-    src = j * in/out, in float32 like TF, and lerps between floor(src) and the next pixel (clamped at the edge)."""
+    src = j * in/out, in float32 like TF, and lerps between floor(src) and the next pixel (clamped at the
+    edge)."""
     n = x.shape[dim]
     if n == size:
         return x
@@ -275,7 +296,7 @@ def preprocess(images, resize='tf', device='cpu'):
     """uint8 (N, H, W, 3) -> Inception input (N, 3, 299, 299).
     tf: the ADM graph's own ResizeBilinear on [0, 255], then (x-128)/128 (the graph's Sub 128, Mul 1/128).
     torch: pytorch-fid: [0, 1], F.interpolate bilinear with half-pixel centres, then 2x-1."""
-    x = np.require(images, requirements='CW')  # contiguous and writable (PIL and npz-stream arrays are read-only)
+    x = np.require(images, requirements='CW')  # contiguous, writable (PIL, npz-stream arrays are read-only)
     x = torch.from_numpy(x).to(device).permute(0, 3, 1, 2).float()
     if resize == 'tf':
         return (tf_resize(x) - 128) / 128
@@ -287,21 +308,69 @@ def preprocess(images, resize='tf', device='cpu'):
 # 3. image inputs
 
 
-def rgb_uint8(a):
-    """(..., H, W[, 1|3|4]) uint8 -> (..., H, W, 3): grey is repeated, alpha dropped."""
-    if a.dtype != np.uint8:
-        raise FIDError(f"images must be uint8 (0..255), got {a.dtype}; "
-                       f"convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
-    if a.shape[-1] not in (1, 3, 4):
-        a = a[..., None]  # NHW grey without a channel axis
+IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.gif', '.tif', '.tiff', '.ppm', '.pgm', '.jfif')
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def tokenizer_module(why):
+    """tokenizer.py, imported only where fid.py reads its dataset specs or trains the domain classifier."""
+    try:
+        import tokenizer
+    except ImportError as e:
+        raise UserError(f"{why} needs tokenizer.py of this project next to fid.py ({e})") from None
+    return tokenizer
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB, as tokenizer.py reads images: 16-bit grey rescaled (PIL's convert would
+    clip it), palette and alpha flattened (alpha dropped), grey and CMYK converted."""
+    if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
+        a = np.asarray(img).astype(np.float64)
+        a = a / 257.0 if img.mode != 'F' and a.max() > 255 else a  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), 'L')
+    img = img.convert('RGBA') if img.mode == 'P' else img  # a palette may carry transparency
+    return img if img.mode == 'RGB' else img.convert('RGB')
+
+
+def image_layout(shape, src):
+    """'NHWC', 'NCHW' or 'NHW' for the shape of an image batch. Channels last when the last axis is 1, 3 or 4
+    (4 = RGBA: alpha is dropped, as for RGBA files); channels first (a torch tensor's layout) only when it is
+    not and axis 1 is; anything else (2 channels, a single (H, W, 3) image) is refused."""
+    if len(shape) == 3 and shape[-1] not in (3, 4):
+        return 'NHW'
+    if len(shape) == 4 and shape[-1] in (1, 3, 4):
+        return 'NHWC'
+    if len(shape) == 4 and shape[1] in (1, 3, 4):
+        return 'NCHW'
+    raise UserError(f"{src}: an image batch of shape {tuple(shape)} is not supported: expected uint8 "
+                    f"(N, H, W, C) or (N, C, H, W) with C = 1 (grey), 3 (RGB) or 4 (RGBA, alpha dropped), "
+                    f"or (N, H, W) grey")
+
+
+def rgb_uint8(a, layout):
+    """A uint8 batch in layout -> (B, H, W, 3): grey repeated, alpha dropped."""
+    a = a.transpose(0, 2, 3, 1) if layout == 'NCHW' else a[..., None] if layout == 'NHW' else a
     return np.repeat(a, 3, -1) if a.shape[-1] == 1 else a[..., :3]
 
 
-def is_stats_file(path):
-    if not (os.path.isfile(path) and path.endswith('.npz')):
-        return False
-    with np.load(path) as z:
-        return 'mu' in z.files
+def check_uint8(dtype, src):
+    if dtype != np.uint8:
+        raise UserError(f"{src}: images must be uint8 (0..255), got {dtype}; "
+                        f"convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
+
+
+def npz_keys(path):
+    """The array names of an .npz file; None for anything else. An unreadable .npz is a UserError."""
+    if not (isinstance(path, str) and path.endswith('.npz') and os.path.isfile(path)):
+        return None
+    try:
+        with np.load(path) as z:
+            return z.files
+    except Exception as e:
+        raise UserError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
 
 
 def is_dataset_spec(path):
@@ -310,135 +379,226 @@ def is_dataset_spec(path):
         return True
     if os.path.isdir(path):
         return any('idx3-ubyte' in f for f in os.listdir(path))
-    if os.path.isfile(path) and path.endswith('.npz'):
-        with np.load(path) as z:
-            return 'images' in z.files and 'arr_0' not in z.files
-    return False
+    keys = npz_keys(path)
+    return keys is not None and 'images' in keys and 'arr_0' not in keys
 
 
 def npy_header(f):
-    """Read the .npy header of an open file: (shape, fortran_order, dtype); f is left at the first data byte."""
+    """The .npy header of an open file: (shape, fortran_order, dtype); f is left at the first data byte."""
     version = np.lib.format.read_magic(f)
-    return (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+    fmt = np.lib.format
+    return (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
 
 
 class Images:
-    """uint8 RGB images from a folder (sorted, recursive; a first-level sub-folder is the class), an .npz whose
-    'arr_0' is uint8 NHWC (read in batches, never all at once: 50k 256 px images are 9.8 GB), or an array.
-    .labels: int array ('labels' or 'arr_1' of the .npz), sub-folder names (folders), or None."""
+    """uint8 RGB images from a folder (sorted, recursive; a first-level sub-folder is the class), an .npz
+    whose 'arr_0' is a uint8 batch NHWC, NCHW or NHW (read in batches, never all at once: 50k 256 px images
+    are 9.8 GB), or such an array. .size: the first image's height. .labels: int array ('labels' or 'arr_1' of
+    the .npz), sub-folder names (folders), or None. Folder files PIL cannot open are skipped with one warning
+    line, images that fail to decode later with one line each; .labels then leaves them out (read it after
+    iterating)."""
 
     def __init__(self, src, labels=None, workers=4):
-        self.src, self.labels, self.workers = src, labels, workers
+        src = src if isinstance(src, np.ndarray) else os.fspath(src)
+        self.src, self._labels, self.workers, self.dropped = src, labels, workers, set()
         if isinstance(src, np.ndarray):
-            self.n = len(src)
+            check_uint8(src.dtype, 'images')
+            self.layout, shape = image_layout(src.shape, 'images'), src.shape
         elif os.path.isdir(src):
-            self.files = []
-            for d, dirs, names in os.walk(src):
-                dirs.sort()
-                self.files += [os.path.join(d, f) for f in sorted(names) if f.lower().endswith(IMG_EXTS) and f[0] != '.']
-            if not self.files:
-                raise FIDError(f"no images ({', '.join(IMG_EXTS)}) under {src}")
-            parts = [os.path.relpath(f, src).split(os.sep) for f in self.files]
-            if all(len(p) > 1 for p in parts):
-                self.labels = [p[0] for p in parts]
-            self.n = len(self.files)
-        elif os.path.isfile(src) and src.endswith('.npz'):
-            with np.load(src) as z:
-                if 'arr_0' not in z.files:
-                    raise FIDError(f"{src} has no 'arr_0' image array (found {z.files})")
-                for k in ('labels', 'arr_1'):
-                    if k in z.files and z[k].ndim == 1:
-                        self.labels = z[k].astype(np.int64)
-                        break
-            with zipfile.ZipFile(src) as zf, zf.open('arr_0.npy') as f:
-                shape, _, dtype = npy_header(f)
-            if dtype != np.uint8:
-                raise FIDError(f"{src}: arr_0 must be uint8 NHWC, got {dtype}; "
-                               f"convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
-            self.n = shape[0]
+            self.scan_folder(src)
+        elif npz_keys(src) is not None:
+            try:
+                with np.load(src) as z:
+                    if 'arr_0' not in z.files:
+                        raise UserError(f"{src} has no 'arr_0' image array (found {', '.join(z.files)})")
+                    for k in ('labels', 'arr_1'):
+                        if k in z.files and z[k].ndim == 1:
+                            self._labels = z[k].astype(np.int64)
+                            break
+                with zipfile.ZipFile(src) as zf, zf.open('arr_0.npy') as f:
+                    shape, _, dtype = npy_header(f)
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"cannot read arr_0 of {src} ({type(e).__name__}: {e})") from None
+            check_uint8(dtype, f"{src}: arr_0")
+            self.layout = image_layout(shape, f"{src}: arr_0")
+        elif not os.path.exists(src):
+            raise UserError(f"{src} not found")
         else:
-            raise FIDError(f"cannot read {src}: expected a folder of images, an .npz with arr_0, or a stats .npz")
+            raise UserError(f"cannot read {src}: expected a folder of images, an .npz with arr_0 or stats")
+        if not hasattr(self, 'files'):
+            self.n, self.size = shape[0], (shape[2] if self.layout == 'NCHW' else shape[1])
         if self.n < 2:
-            raise FIDError(f"{src}: need at least 2 images, found {self.n}")
+            raise UserError(f"{src}: need at least 2 images, found {self.n}")
+        if self._labels is not None and len(self._labels) != self.n:
+            raise UserError(f"{src}: {self.n} images but {len(self._labels)} labels")
+
+    def scan_folder(self, src):
+        files = []
+        for d, dirs, names in os.walk(src):
+            dirs[:] = sorted(x for x in dirs if x[0] != '.')
+            files += [os.path.join(d, f) for f in sorted(names)
+                      if f.lower().endswith(IMG_EXTS) and f[0] != '.']
+
+        def height(f):  # the header only: cheap, and it finds files PIL cannot identify at all
+            try:
+                with Image.open(f) as im:
+                    return im.size[1]
+            except Exception:
+                return None
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            heights = list(pool.map(height, files))
+        bad = [f for f, h in zip(files, heights) if h is None]
+        if bad:
+            warn(f"skipped {len(bad)} unreadable image file(s) under {src} (first: {bad[0]})")
+        self.files = [f for f, h in zip(files, heights) if h is not None]
+        if not self.files:
+            raise UserError(f"no readable images ({', '.join(IMG_EXTS)}) under {src}")
+        self.n, self.size = len(self.files), next(h for h in heights if h is not None)
+        parts = [os.path.relpath(f, src).split(os.sep) for f in self.files]
+        if all(len(p) > 1 for p in parts):
+            self._labels = [p[0] for p in parts]
+
+    @property
+    def labels(self):
+        if self._labels is None or not self.dropped:
+            return self._labels
+        keep = [i for i in range(len(self._labels)) if i not in self.dropped]
+        return [self._labels[i] for i in keep] if isinstance(self._labels, list) else self._labels[keep]
 
     def batches(self, batch_size):
         """uint8 (B, H, W, 3) arrays; a folder of mixed sizes gives lists of (H, W, 3) arrays instead."""
         if isinstance(self.src, np.ndarray):
             for i in range(0, self.n, batch_size):
-                yield rgb_uint8(self.src[i:i + batch_size])
-        elif os.path.isdir(self.src):
+                yield rgb_uint8(self.src[i:i + batch_size], self.layout)
+        elif hasattr(self, 'files'):
             def read(f):
-                with Image.open(f) as im:
-                    return np.asarray(to_rgb(im))
+                try:
+                    with Image.open(f) as im:
+                        return np.asarray(to_rgb(im))
+                except Exception as e:  # e.g. a truncated file whose header was fine
+                    return e
             with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:  # PIL decodes without the GIL
                 for i in range(0, self.n, batch_size):
-                    ims = list(pool.map(read, self.files[i:i + batch_size]))
-                    yield np.stack(ims) if len({a.shape for a in ims}) == 1 else ims
+                    ims = []
+                    for j, a in enumerate(pool.map(read, self.files[i:i + batch_size]), i):
+                        if isinstance(a, Exception):
+                            if j not in self.dropped:
+                                warn(f"skipped unreadable image {self.files[j]} ({type(a).__name__}: {a})")
+                            self.dropped.add(j)
+                        else:
+                            ims.append(a)
+                    if ims:
+                        yield np.stack(ims) if len({a.shape for a in ims}) == 1 else ims
         else:
-            with zipfile.ZipFile(self.src) as zf, zf.open('arr_0.npy') as f:  # works for savez and savez_compressed
-                shape, fortran, _ = npy_header(f)
-                if fortran:  # rare; column-major data cannot be streamed row by row
-                    yield from Images(np.load(self.src)['arr_0']).batches(batch_size)
-                    return
-                per = int(np.prod(shape[1:]))
-                for i in range(0, self.n, batch_size):
-                    m = min(batch_size, self.n - i)
-                    yield rgb_uint8(np.frombuffer(bytearray(f.read(m * per)), np.uint8).reshape((m,) + tuple(shape[1:])))
+            yield from self.npz_batches(batch_size)
+
+    def npz_batches(self, batch_size):
+        with zipfile.ZipFile(self.src) as zf, zf.open('arr_0.npy') as f:  # savez and savez_compressed alike
+            shape, fortran, _ = npy_header(f)
+            if fortran:  # rare; column-major data cannot be streamed row by row
+                yield from Images(np.load(self.src)['arr_0']).batches(batch_size)
+                return
+            per = int(np.prod(shape[1:]))
+            for i in range(0, self.n, batch_size):
+                m = min(batch_size, self.n - i)
+                try:
+                    buf = f.read(m * per)
+                except (zipfile.BadZipFile, OSError, EOFError) as e:  # a damaged archive: CRC or zlib error
+                    raise UserError(f"{self.src}: arr_0 is damaged after {i} of {self.n} images ({e})") \
+                        from None
+                if len(buf) < m * per:
+                    raise UserError(f"{self.src}: arr_0 is truncated after {i} of {self.n} images")
+                a = np.frombuffer(bytearray(buf), np.uint8).reshape((m,) + tuple(shape[1:]))
+                yield rgb_uint8(a, self.layout)
 
 
 def open_images(path, image_size=32, split='train'):
-    """Images from any input but a stats file. A dataset spec is loaded by tokenizer.py at image_size and turned
-    back into uint8 (its [-1, 1] floats come from uint8, so this is exact)."""
+    """Images from any input but a stats file. A dataset spec is loaded by tokenizer.py at image_size and
+    turned back into uint8 (its [-1, 1] floats come from uint8, so this is exact)."""
     if not is_dataset_spec(path):
         return Images(path)
-    ds = load_dataset(path, image_size, split=split)
+    tok = tokenizer_module(f"reading the dataset {path!r}")
+    ds = tok.load_dataset(path, image_size, split=split)
     xs, ys = zip(*(ds[i] for i in range(len(ds))))
-    return Images(to_uint8(torch.stack(xs)), labels=np.array(ys, np.int64))
+    return Images(tok.to_uint8(torch.stack(xs)), labels=np.array(ys, np.int64))
 
 
-STAT_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s', 'acts')  # what a stats file holds (acts: pool features, for P/R)
+STAT_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s', 'acts')  # a stats file's arrays (acts: pool features, for P/R)
 
 
 def save_stats(path, tag, side):
-    """np.savez of the statistics + a 'features' tag, so stats of different feature spaces never get mixed; atomic."""
-    atomic_write(path, lambda f: np.savez(f, features=np.array(tag), **{k: side[k] for k in STAT_KEYS if k in side}))
+    """np.savez (atomic) of the statistics + a 'features' tag: stats of different feature spaces never mix."""
+    arrays = {k: side[k] for k in STAT_KEYS if k in side}
+    atomic_write(path, lambda f: np.savez(f, features=np.array(tag), **arrays))
 
 
 def load_stats(path, tag):
-    """Arrays of a stats file (ours, ADM's reference batch, or pytorch-fid's). Files without a tag are Inception stats."""
-    with np.load(path) as z:
-        got = str(z['features']) if 'features' in z.files else None
-        if (got or 'inception') != tag and not (got is None and tag.startswith('inception')):
-            raise FIDError(f"{path} holds statistics of '{got or 'inception'}' features but this run uses '{tag}'")
-        return {k: z[k] for k in STAT_KEYS if k in z.files}, 'arr_0' in z.files
+    """Arrays of a stats file (ours, ADM's reference batch, or pytorch-fid's), checked: 'mu' with 'sigma',
+    'mu_s' with 'sigma_s', shapes that fit. Files without a 'features' tag are Inception statistics."""
+    try:
+        with np.load(path) as z:
+            files, got = z.files, (str(z['features']) if 'features' in z.files else None)
+            stats = {k: z[k] for k in STAT_KEYS if k in z.files}
+    except Exception as e:
+        raise UserError(f"cannot read {path} as a statistics .npz ({type(e).__name__}: {e})") from None
+    if (got or 'inception') != tag and not (got is None and tag.startswith('inception')):
+        raise UserError(f"{path} holds statistics of '{got or 'inception'}' features, but this run uses "
+                        f"'{tag}'")
+    for mu, sigma in (('mu', 'sigma'), ('mu_s', 'sigma_s')):
+        missing = [k for k in (mu, sigma) if k not in stats]
+        if missing and (mu == 'mu' or len(missing) == 1):
+            raise UserError(f"{path}: a statistics file needs 'mu' and 'sigma' (optional: 'mu_s' with "
+                            f"'sigma_s', 'acts'); missing {', '.join(map(repr, missing))} "
+                            f"(found {', '.join(files)})")
+        if not missing and stats[sigma].size != stats[mu].size ** 2:
+            raise UserError(f"{path}: '{sigma}' of shape {stats[sigma].shape} does not fit '{mu}' of shape "
+                            f"{stats[mu].shape}")
+    return stats
+
+
+def open_side(path, role, tag, image_size=None, split='train', want_images=True):
+    """One input, checked before any feature is computed (a bad reference fails in seconds, not after the
+    samples): (stats or None, Images or None). role 'samples': images (arr_0) whenever the file has them, as
+    the ADM evaluator computes IS and the rest from a sample batch's arr_0; a file without images gives its
+    stats. role 'ref': stored statistics win (an ADM reference batch's mu/sigma describe the whole data set)
+    and its images, when it has them, serve precision/recall only (want_images)."""
+    keys = npz_keys(path) or ()
+    if any(k in keys for k in ('mu', 'sigma', 'mu_s', 'sigma_s')) and (role == 'ref' or 'arr_0' not in keys):
+        stats = load_stats(path, tag)
+        return stats, Images(path) if want_images and 'acts' not in stats and 'arr_0' in keys else None
+    return None, open_images(path, image_size or 32, split)
 
 # -----------------------------------------------------------------------------
 # 4. metrics
 
 
 def gaussian_stats(acts):
-    """Mean and unbiased covariance in float64 (float32 accumulators visibly bias FID, torcheval#192)."""
+    """Mean and unbiased covariance in float64 (float32 accumulators visibly bias FID)."""
     acts = torch.as_tensor(np.asarray(acts), dtype=torch.float64)
     return acts.mean(0).numpy(), torch.cov(acts.T).reshape(acts.shape[1], acts.shape[1]).numpy()
 
 
 def zero_tiny(w):
-    """Eigenvalues below rounding level (d * eps * max) -> 0. With N < d samples most eigenvalues are exactly 0 but
-    come out as +-1e-16-ish; their square roots (1e-8 each, thousands of them) would otherwise add up."""
+    """Eigenvalues below rounding level (d * eps * max) -> 0. With N < d samples most eigenvalues are exactly
+    0 but come out as +-1e-16-ish; their square roots (1e-8 each, thousands of them) would add up."""
     return torch.where(w > len(w) * torch.finfo(w.dtype).eps * w.abs().max(), w, torch.zeros_like(w))
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2) between two Gaussians, in float64.
-    S1 S2 is similar to the symmetric PSD R S2 R with R = S1^1/2, so Tr((S1 S2)^1/2) = sum sqrt(eigvalsh(R S2 R)):
-    no scipy sqrtm (deprecated disp, version regressions), no imaginary parts, rank-deficient covariances are fine.
-    Identical inputs can give tiny negative values (rounding); they are returned as they are.
-    torch rather than numpy linalg: on a busy 2-core machine numpy's threaded eigh (d=2048) took 22 s, torch's 3 s."""
-    mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
-    mu1, mu2, s1, s2 = mu1.reshape(-1), mu2.reshape(-1), torch.atleast_2d(s1), torch.atleast_2d(s2)  # 1-d stats too
+    S1 S2 is similar to the symmetric PSD R S2 R with R = S1^1/2, so Tr((S1 S2)^1/2) =
+    sum sqrt(eigvalsh(R S2 R)): no scipy sqrtm (deprecated disp, version regressions), no imaginary parts,
+    rank-deficient covariances are fine. Identical inputs can give tiny negative values (rounding); they are
+    returned as they are. torch rather than numpy linalg: on a busy 2-core machine numpy's threaded eigh
+    (d=2048) took 22 s, torch's 3 s."""
+    mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64)  # 1-d statistics too
+                        for a in (mu1, mu2, sigma1, sigma2))
+    mu1, mu2, s1, s2 = mu1.reshape(-1), mu2.reshape(-1), torch.atleast_2d(s1), torch.atleast_2d(s2)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise FIDError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-                       f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
+        raise UserError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+                        f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
     w, v = torch.linalg.eigh(s1)
     r = (v * zero_tiny(w).sqrt()) @ v.T
     m = r @ s2 @ r
@@ -449,7 +609,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 def inception_score(logits, split_size=5000):
     """exp(E_x KL(p(y|x) || p(y))) per contiguous split of split_size samples (ADM: 5000, last split may be
-    smaller, no shuffling); returns (mean, std) over splits. float64 log-softmax so confident classes do not underflow."""
+    smaller, no shuffling); returns (mean, std) over splits. float64 log-softmax: confident classes do not
+    underflow."""
     logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), 1)
     scores = []
     for part in logp.split(split_size):
@@ -464,18 +625,21 @@ def sq_dists(a, b):
 
 
 def knn_radii(x, k=3, block=2000):
-    """Squared distance from each row to its k-th nearest neighbour in x, itself excluded (column 0 is itself)."""
-    return torch.cat([sq_dists(xb, x).topk(k + 1, dim=1, largest=False).values[:, k] for xb in x.split(block)])
+    """Squared distance from each row to its k-th nearest neighbour in x, itself excluded (column 0)."""
+    return torch.cat([sq_dists(xb, x).topk(k + 1, dim=1, largest=False).values[:, k]
+                      for xb in x.split(block)])
 
 
 def coverage(x, centres, radii, block=2000):
     """Fraction of rows of x that fall inside at least one ball (centre, radius)."""
-    return torch.cat([(sq_dists(xb, centres) <= radii).any(1) for xb in x.split(block)]).double().mean().item()
+    inside = torch.cat([(sq_dists(xb, centres) <= radii).any(1) for xb in x.split(block)])
+    return inside.double().mean().item()
 
 
 def precision_recall(ref, gen, k=3, block=2000, device='cpu'):
-    """Kynkaanniemi et al. 2019 as in ADM: precision = share of samples inside the k-NN manifold of the reference,
-    recall = share of reference points inside the k-NN manifold of the samples. block bounds memory (block x N)."""
+    """Kynkaanniemi et al. 2019 as in ADM: precision = share of samples inside the k-NN manifold of the
+    reference, recall = share of reference points inside the k-NN manifold of the samples. block bounds
+    memory (block x N)."""
     ref, gen = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device) for a in (ref, gen))
     precision = coverage(gen, ref, knn_radii(ref, k, block), block)
     recall = coverage(ref, gen, knn_radii(gen, k, block), block)
@@ -491,7 +655,7 @@ LABELS = {'is': 'Inception Score', 'fid': 'FID', 'sfid': 'sFID', 'precision': 'P
 
 @contextlib.contextmanager
 def exact_fp32(device):
-    """Features in true fp32: no TF32 (SAR's sampler turns it on globally) and no autocast, restored afterwards."""
+    """Features in true fp32: no TF32 (SAR's sampler turns it on globally), no autocast; restored after."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -511,42 +675,53 @@ def inception_features(model, images, batch_size=64, resize='tf', device='cpu', 
                 torch.cat([preprocess(a[None], resize, device) for a in b])
             outs.append([t.float().cpu().numpy() for t in model(x)])
             bar.update(len(x))
-    return [np.concatenate(o) for o in zip(*outs)]
+    feats = [np.concatenate(o) for o in zip(*outs)] or [np.zeros((0, 1))] * 3
+    if len(feats[0]) < 2:
+        raise UserError(f"{desc}: only {len(feats[0])} of {images.n} images could be decoded; need 2 or more")
+    return feats
 
 
 def note(msg):
     print(f"note: {msg}", file=sys.stderr)
 
 
-def inception_side(path, model, need, batch_size, resize, device, image_size=None, split='train'):
-    """What one input gives the metrics: mu/sigma, mu_s/sigma_s, acts (pool features, for P/R), logits, n."""
-    tag = f'inception-{resize}'
-    if is_stats_file(path):
-        side, has_images = load_stats(path, tag)
-        if 'pr' in need and 'acts' not in side and has_images:  # ADM reference batch: its 10k images serve P/R only
-            side['acts'] = inception_features(model, Images(path), batch_size, resize, device, os.path.basename(path))[0]
-        return side
-    images = open_images(path, image_size or 32, split)
-    pool, spatial, logits = inception_features(model, images, batch_size, resize, device, os.path.basename(path))
+def image_side(path, feats):
+    """What one input's images give the metrics: mu/sigma, mu_s/sigma_s, acts (pool, for P/R), logits, n."""
+    pool, spatial, logits = feats
     if len(pool) < 2048:
-        note(f"{path}: {len(pool)} images < 2048 features: the covariance is rank-deficient and FID is biased upwards")
+        note(f"{path}: {len(pool)} images < 2048 features: the covariance is rank-deficient and FID is "
+             f"biased upwards")
     (mu, sigma), (mu_s, sigma_s) = gaussian_stats(pool), gaussian_stats(spatial)
-    return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, acts=pool, logits=logits, n=len(pool),
-                size=next(images.batches(1)).shape[1])
+    return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, acts=pool, logits=logits, n=len(pool))
 
 
 def evaluate(samples, ref=None, weights=None, device='cpu', batch_size=64, resize='tf',
-             metrics=('is', 'fid', 'sfid', 'pr'), save_stats_path=None, ref_split='train', model=None, pr_block=2000):
-    """The ADM evaluator: Inception Score of the samples, FID / sFID against the reference (its stored mu/sigma when it
-    has them), precision/recall against the reference images. Returns a dict; skipped metrics are left out.
-    save_stats_path gets the reference's statistics (the samples' when ref is None); a dataset-spec reference
-    ('toy', MNIST) is read at the samples' resolution."""
-    model = model or load_inception(weights, device)
-    need = set(metrics)
-    s = inception_side(samples, model, need, batch_size, resize, device)
-    r = inception_side(ref, model, need, batch_size, resize, device, s.get('size'), ref_split) if ref else None
+             metrics=('is', 'fid', 'sfid', 'pr'), save_stats_path=None, ref_split='train', model=None,
+             pr_block=2000):
+    """The ADM evaluator: Inception Score of the samples, FID / sFID against the reference (its stored
+    mu/sigma when it has them), precision/recall against the reference images. Returns a dict; skipped metrics
+    are left out. save_stats_path gets the reference's statistics (the samples' when ref is None); a
+    dataset-spec reference ('toy', MNIST) is read at the samples' resolution. The Inception weights are loaded
+    only when an input is images: two statistics files give FID (and sFID, precision/recall when both hold
+    what those need) without them."""
+    need, tag = set(metrics), f'inception-{resize}'
+    s_stats, s_images = open_side(samples, 'samples', tag)
+    r_stats = r_images = None
+    if ref:
+        pr_possible = 'pr' in need and (s_images is not None or 'acts' in s_stats)
+        r_stats, r_images = open_side(ref, 'ref', tag, s_images and s_images.size, ref_split, pr_possible)
+    net = [model]
+
+    def features(images, path):
+        if net[0] is None:
+            net[0] = load_inception(weights, device)
+        return inception_features(net[0], images, batch_size, resize, device, os.path.basename(str(path)))
+    s = s_stats if s_stats is not None else image_side(samples, features(s_images, samples))
+    r = r_stats if r_stats is not None or not ref else image_side(ref, features(r_images, ref))
+    if r_stats is not None and r_images is not None:  # ADM reference batch: its 10k images serve P/R only
+        r['acts'] = features(r_images, ref)[0]
     if save_stats_path:
-        save_stats(save_stats_path, f'inception-{resize}', r or s)
+        save_stats(save_stats_path, tag, r or s)
     out = dict(n_samples=s.get('n'), n_ref=r and r.get('n'), resize=resize)
     if 'is' in need:
         if 'logits' in s:
@@ -567,7 +742,8 @@ def evaluate(samples, ref=None, weights=None, device='cpu', batch_size=64, resiz
         elif min(len(s['acts']), len(r['acts'])) < 4:
             note("Precision/Recall skipped: the 3rd-nearest-neighbour radii need at least 4 images per side")
         else:
-            out['precision'], out['recall'] = precision_recall(r['acts'], s['acts'], block=pr_block, device=device)
+            out['precision'], out['recall'] = precision_recall(r['acts'], s['acts'], block=pr_block,
+                                                               device=device)
     return out
 
 # -----------------------------------------------------------------------------
@@ -595,9 +771,19 @@ class DomainCNN(nn.Module):
         return f, self.head(f)
 
 
+def resize_center_crop(img, size):
+    """Shorter side to size (PIL bicubic, antialiased), then the centre size x size: tokenizer.py's
+    image-folder resize, so samples and reference data are resized alike."""
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + size, top + size))
+
+
 def to_unit(images, size):
-    """uint8 (B, H, W, 3) array (or list of them) -> float (B, 3, size, size) in [-1, 1]. Other sizes go through
-    tokenizer's resize, the same one its datasets use, so samples and reference data are resized alike."""
+    """uint8 (B, H, W, 3) array (or list of them) -> float (B, 3, size, size) in [-1, 1]; other sizes are
+    resized with resize_center_crop."""
     ims = list(images)
     if any(a.shape[:2] != (size, size) for a in ims):
         ims = [np.asarray(resize_center_crop(Image.fromarray(a), size)) for a in ims]
@@ -614,9 +800,10 @@ def gaussian_blur(x, sigma):
 
 
 def augment(x, gen):
-    """A random shift of up to 2 px and, for half the batches, a blur of sigma 0.3-1.2 px. Class predictions then
-    hold for slightly soft samples (accuracy should measure the class, not the sharpness), while FID in the features
-    still sees blur. MNIST, seed 1: accuracy on blurred digits 29% -> 96%, FID(blurred) / FID(real) 353x -> 151x."""
+    """A random shift of up to 2 px and, for half the batches, a blur of sigma 0.3-1.2 px. Class predictions
+    then hold for slightly soft samples (accuracy should measure the class, not the sharpness), while FID in
+    the features still sees blur. MNIST, seed 1: accuracy on blurred digits 29% -> 96%, FID(blurred) /
+    FID(real) 353x -> 151x."""
     dy, dx = torch.randint(-2, 3, (2,), generator=gen).tolist()
     x = torch.roll(x, (dy, dx), (2, 3))
     if torch.rand((), generator=gen) < 0.5:
@@ -637,16 +824,18 @@ def single_thread(device):
         torch.set_num_threads(n)
 
 
-def train_classifier(data, out, image_size=32, steps=600, batch_size=64, lr=3e-3, width=16, seed=0, device='cpu'):
+def train_classifier(data, out, image_size=32, steps=600, batch_size=64, lr=3e-3, width=16, seed=0,
+                     device='cpu'):
     """Train DomainCNN on a tokenizer.py dataset (its train split), report held-out accuracy, save to out."""
     t0 = time.time()
     torch.manual_seed(seed)
-    sets = {}
+    sets, tok = {}, tokenizer_module("--train-classifier (it reads tokenizer.py's datasets)")
     for split, limit in (('train', steps * batch_size), ('val', None)):
-        ds = load_dataset(data, image_size, split=split)
-        # small data sets, held in memory and decoded once; never more training images than the steps will draw
-        # (a short run on 'toy' would otherwise render all 20,000)
-        idx = np.random.default_rng(seed).permutation(len(ds))[:limit] if limit and limit < len(ds) else range(len(ds))
+        ds = tok.load_dataset(data, image_size, split=split)
+        # small data sets, held in memory and decoded once; never more training images than the steps will
+        # draw (a short run on 'toy' would otherwise render all 20,000)
+        idx = np.random.default_rng(seed).permutation(len(ds))[:limit] if limit and limit < len(ds) \
+            else range(len(ds))
         xs, ys = zip(*(ds[i] for i in idx))
         sets[split] = torch.stack(xs).to(device), torch.tensor(ys, device=device)
     (x, y), num_classes, class_names = sets['train'], ds.num_classes, list(ds.class_names)
@@ -669,7 +858,7 @@ def train_classifier(data, out, image_size=32, steps=600, batch_size=64, lr=3e-3
     acc = accuracy(model, *sets['val'])
     ckpt = dict(model=model.state_dict(), num_classes=num_classes, image_size=image_size, width=width,
                 class_names=class_names, data=str(data), val_acc=acc, steps=steps)
-    save_atomic(ckpt, out)
+    atomic_write(out, lambda f: torch.save(ckpt, f))
     print(f"classifier: held-out accuracy {acc:.4f} on {len(sets['val'][1])} images, "
           f"{time.time() - t0:.1f}s, saved {out}")
     return acc
@@ -682,14 +871,22 @@ def accuracy(model, x, y, batch_size=500):
 
 
 def load_classifier(path, device='cpu'):
-    try:
-        ck = load_checkpoint(path)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise FIDError(str(e)) from None
-    if not isinstance(ck, dict) or 'num_classes' not in ck:
-        raise FIDError(f"{path} is not a classifier saved by python fid.py --train-classifier")
+    if not os.path.isfile(path):
+        raise UserError(f"classifier not found: {path}; train one with "
+                        f"python fid.py --train-classifier DATA --out {path}")
+    try:  # tensors and plain containers only: a classifier checkpoint never needs arbitrary unpickling
+        ck = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} as a classifier checkpoint ({type(e).__name__})") from None
+    keys = {'model', 'num_classes', 'image_size', 'width', 'class_names'}
+    if not isinstance(ck, dict) or not keys <= set(ck):
+        raise UserError(f"{path} is not a classifier saved by python fid.py --train-classifier")
     model = DomainCNN(ck['num_classes'], ck['image_size'], ck['width'])
-    model.load_state_dict(ck['model'])
+    try:
+        model.load_state_dict(ck['model'])
+    except RuntimeError as e:
+        raise UserError(f"{path}: the classifier weights do not match DomainCNN "
+                        f"({str(e).splitlines()[0]})") from None
     with open(path, 'rb') as f:  # stats saved with one classifier must never be compared with another's
         tag = 'domain-' + hashlib.sha256(f.read()).hexdigest()[:16]
     return model.to(device).eval(), ck['class_names'], tag
@@ -704,21 +901,22 @@ def class_ids(labels, class_names):
     return None if None in ids else np.array(ids, np.int64)
 
 
-def domain_side(path, model, class_names, tag, batch_size=64, device='cpu', split='train'):
-    """mu/sigma of the classifier's penultimate features, and accuracy against the labels when there are any."""
-    if is_stats_file(path):
-        return load_stats(path, tag)[0]
-    images = open_images(path, model.image_size, split)
+def domain_side(name, stats, images, model, class_names, batch_size=64, device='cpu'):
+    """mu/sigma of the classifier's penultimate features, and the accuracy against the labels if any."""
+    if stats is not None:
+        return stats
     feats, preds = [], []
-    labels = class_ids(images.labels, class_names)
     with exact_fp32(device), single_thread(device):
         for b in images.batches(batch_size):
             f, logits = model(to_unit(b, model.image_size).to(device))
             feats.append(f.double().cpu().numpy())
             preds.append(logits.argmax(1).cpu().numpy())
+    if sum(map(len, feats)) < 2:
+        raise UserError(f"{name}: fewer than 2 of {images.n} images could be decoded")
     feats, pred = np.concatenate(feats), np.concatenate(preds)
     mu, sigma = gaussian_stats(feats)
     side = dict(mu=mu, sigma=sigma, n=len(feats))
+    labels = class_ids(images.labels, class_names)  # after reading: images that failed to decode are left out
     if labels is not None:
         side['acc'] = float((pred == labels).mean())
     return side
@@ -726,13 +924,15 @@ def domain_side(path, model, class_names, tag, batch_size=64, device='cpu', spli
 
 def domain_metrics(samples, ref=None, clf_path='out/clf.pt', batch_size=64, device='cpu', ref_split='train',
                    save_stats_path=None):
-    """FID in the domain classifier's features and the accuracy of samples against the class they were generated for
-    (the .npz 'labels' array or per-class folders). Returns dict(fid, acc, ref_acc, n_samples, n_ref), leaving out
-    what the inputs cannot give. ref: a dataset spec ('toy', MNIST folder, ...), images, or stats saved with this
-    classifier."""
+    """FID in the domain classifier's features and the accuracy of samples against the class they were
+    generated for (the .npz 'labels' array or per-class folders). Returns dict(fid, acc, ref_acc, n_samples,
+    n_ref), leaving out what the inputs cannot give. ref: a dataset spec ('toy', MNIST folder, ...), images,
+    or stats saved with this classifier. Samples with images use them, as in evaluate()."""
     model, names, tag = load_classifier(clf_path, device)
-    s = domain_side(samples, model, names, tag, batch_size, device, ref_split)
-    r = domain_side(ref, model, names, tag, batch_size, device, ref_split) if ref else None
+    s_in = open_side(samples, 'samples', tag, model.image_size, ref_split)
+    r_in = open_side(ref, 'ref', tag, model.image_size, ref_split, want_images=False) if ref else None
+    s = domain_side(samples, *s_in, model, names, batch_size, device)
+    r = domain_side(ref, *r_in, model, names, batch_size, device) if ref else None
     if save_stats_path:
         save_stats(save_stats_path, tag, r or s)
     out = dict(n_samples=s.get('n'), n_ref=r and r.get('n'), features=tag)
@@ -750,40 +950,52 @@ def domain_metrics(samples, ref=None, clf_path='out/clf.pt', batch_size=64, devi
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="FID / sFID / Inception Score / precision / recall as OpenAI's ADM evaluator computes them "
-                    "(PyTorch only), or FID + class accuracy in the features of a small domain classifier (--features).",
+        description="FID / sFID / Inception Score / precision / recall as OpenAI's ADM evaluator computes "
+                    "them (PyTorch only), or FID + class accuracy in the features of a small domain "
+                    "classifier (--features).",
         epilog="examples:\n"
                "  python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --weights pt_inception.pth\n"
                "  python fid.py real_images/ --save-stats out/real_stats.npz\n"
                "  python fid.py --train-classifier toy --out out/clf_toy.pt\n"
-               "  python fid.py samples.npz toy --features out/clf_toy.pt --json out/fid.json",
+               "  python fid.py samples.npz toy --features out/clf_toy.pt --json out/fid.json\n"
+               "  python fid.py --train-classifier data/mnist --out out/clf_mnist.pt  # MNIST IDX files",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('samples', nargs='?', help="generated images: an .npz with arr_0 uint8 NHWC (+ optional 'labels'), a "
-                   "folder of images (per-class sub-folders give labels), or a stats .npz; alone, only the Inception "
-                   "Score (or the accuracy, with --features) is reported")
-    p.add_argument('ref', nargs='?', help="reference: an ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0), a "
-                   "stats .npz (--save-stats or pytorch-fid), an .npz with arr_0, a folder of images, or a dataset spec "
-                   "of tokenizer.py ('toy', an MNIST IDX folder, an .npz with 'images'), read at the samples' size")
-    p.add_argument('--weights', metavar='PATH', help=f"Inception weights ({FID_WEIGHTS_FILE}); default: the torch hub "
-                   "cache, else one download with its SHA-256 checked")
+    p.add_argument('samples', nargs='?',
+                   help="generated images: an .npz with arr_0 uint8 NHWC or NCHW (+ optional 'labels'), "
+                        "a folder of images (per-class sub-folders give labels), or a stats .npz; alone, "
+                        "only the Inception Score (or the accuracy, with --features) is reported")
+    p.add_argument('ref', nargs='?',
+                   help="reference: an ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0), a stats "
+                        ".npz (--save-stats or pytorch-fid), an .npz with arr_0, a folder of images, or a "
+                        "dataset spec of tokenizer.py ('toy', an MNIST IDX folder, an .npz with 'images'), "
+                        "read at the samples' size")
+    p.add_argument('--weights', metavar='PATH',
+                   help=f"Inception weights ({FID_WEIGHTS_FILE}); default: the torch hub cache, else one "
+                        "download with its SHA-256 checked; not needed when both inputs are statistics")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help="torch device (default: cuda when available, else cpu)")
     p.add_argument('--batch-size', type=int, default=64, help="images per forward pass (default 64, as ADM)")
-    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="tf: TF1 bilinear resize + (x-128)/128 as "
-                   "in the ADM evaluator (default); torch: pytorch-fid's F.interpolate + 2x-1")
+    p.add_argument('--resize', choices=['tf', 'torch'], default='tf',
+                   help="tf: TF1 bilinear resize + (x-128)/128 as in the ADM evaluator (default); torch: "
+                        "pytorch-fid's F.interpolate + 2x-1")
     p.add_argument('--metrics', default='is,fid,sfid,pr', help="comma list of is,fid,sfid,pr (default: all)")
-    p.add_argument('--save-stats', metavar='PATH', help="write the reference's statistics (the samples' when REF is "
-                   "omitted) to PATH (.npz), to be passed as REF later")
+    p.add_argument('--save-stats', metavar='PATH',
+                   help="write the reference's statistics (the samples' when REF is omitted) to PATH (.npz), "
+                        "to be passed as REF later")
     p.add_argument('--json', metavar='PATH', help="also write the results as a JSON dict to PATH")
     p.add_argument('--ref-split', default='train', choices=['train', 'val', 'all'],
                    help="split of a dataset-spec REF (default train, like ADM's training-set statistics)")
-    p.add_argument('--features', metavar='CLF', help="a classifier from --train-classifier: report FID in its "
-                   "penultimate features and the accuracy of samples against their labels, instead of Inception metrics")
-    p.add_argument('--train-classifier', metavar='DATA', help="train the domain classifier on DATA ('toy', an MNIST IDX "
-                   "folder, an .npz with images + labels, or a folder of class sub-folders); saves to --out")
+    p.add_argument('--features', metavar='CLF',
+                   help="a classifier from --train-classifier: report FID in its penultimate features and "
+                        "the accuracy of samples against their labels, instead of Inception metrics")
+    p.add_argument('--train-classifier', metavar='DATA',
+                   help="train the domain classifier on DATA ('toy', an MNIST IDX folder, an .npz with "
+                        "images + labels, or a folder of class sub-folders); saves to --out")
     p.add_argument('--out', default='out/clf.pt', help="where --train-classifier saves (default out/clf.pt)")
-    p.add_argument('--image-size', type=int, default=32, help="classifier input size for --train-classifier (default 32)")
-    p.add_argument('--steps', type=int, default=600, help="classifier training steps of 64 images (default 600)")
+    p.add_argument('--image-size', type=int, default=32,
+                   help="classifier input size for --train-classifier (default 32)")
+    p.add_argument('--steps', type=int, default=600,
+                   help="classifier training steps of 64 images (default 600)")
     p.add_argument('--seed', type=int, default=0, help="classifier training seed (default 0)")
     return p
 
@@ -807,22 +1019,27 @@ def main(argv=None):
                              device=args.device)
             return 0
         if args.features:
-            res = domain_metrics(args.samples, args.ref, args.features, args.batch_size, args.device, args.ref_split,
-                                 args.save_stats)
+            res = domain_metrics(args.samples, args.ref, args.features, args.batch_size, args.device,
+                                 args.ref_split, args.save_stats)
         else:
             res = evaluate(args.samples, args.ref, args.weights, args.device, args.batch_size, args.resize,
                            args.metrics.split(','), args.save_stats, args.ref_split)
-    except (FIDError, DataError, FileNotFoundError) as e:
-        print(f"fid.py: error: {e}", file=sys.stderr)
+        for key, label in LABELS.items():
+            if key in res:
+                print(f"{label}: {res[key]}")
+        if args.save_stats:
+            print(f"saved statistics to {args.save_stats}")
+        if args.json:
+            try:
+                atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=1).encode()))
+            except OSError as e:
+                raise UserError(f"cannot write {args.json} ({e.strerror or e})") from None
+    except UserError as e:
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
-    for key, label in LABELS.items():
-        if key in res:
-            print(f"{label}: {res[key]}")
-    if args.save_stats:
-        print(f"saved statistics to {args.save_stats}")
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(res, f, indent=1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

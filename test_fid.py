@@ -6,10 +6,14 @@ Run: python -m pytest -q test_fid.py
 """
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +28,8 @@ import fid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MNIST = os.environ.get('MNIST', os.path.join(HERE, 'data', 'mnist'))   # the MNIST IDX folder, optional
+GOLDEN = os.path.join(HERE, 'tests', 'fixtures', 'inception_golden.npz')
+GOLDEN_MAKER = os.path.join(HERE, 'tests', 'fixtures', 'make_inception_golden.py')
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -76,9 +82,11 @@ def test_fd_equal_covariances_is_squared_mean_distance():
     rng = np.random.default_rng(1)
     d = 2048
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    assert fid.frechet_distance(mu1, np.eye(d), mu2, np.eye(d)) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-12)
+    expect = ((mu1 - mu2) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.eye(d), mu2, np.eye(d)) == pytest.approx(expect, rel=1e-12)
     s = rand_spd(rng, 64)
-    assert fid.frechet_distance(mu1[:64], s, mu2[:64], s) == pytest.approx(((mu1[:64] - mu2[:64]) ** 2).sum(), rel=1e-8)
+    expect = ((mu1[:64] - mu2[:64]) ** 2).sum()
+    assert fid.frechet_distance(mu1[:64], s, mu2[:64], s) == pytest.approx(expect, rel=1e-8)
 
 
 def test_fd_identical_stats_is_zero_up_to_rounding():
@@ -167,10 +175,12 @@ def test_is_splits_of_5000_like_adm():
     mean, std = fid.inception_score(logits)
     assert mean == pytest.approx(7 / 3, rel=1e-6) and std == pytest.approx(np.std([1, 2, 4]), rel=1e-6)
     perm = np.concatenate([np.random.default_rng(0).permutation(5000), 5000 + np.arange(7000)])
-    assert fid.inception_score(logits[perm])[0] == pytest.approx(mean, rel=1e-12)  # order within a split: no effect
-    # one split of everything: one-hot predictions -> IS = exp(entropy of the class marginal) = 8000/3000/500/500
+    assert fid.inception_score(logits[perm])[0] == pytest.approx(mean, rel=1e-12)  # order within a split
+    # one split of everything: one-hot predictions -> IS = exp(entropy of the class marginal), counts
+    # 8000/3000/500/500
     p = np.array([8000, 3000, 500, 500]) / 12000
-    assert fid.inception_score(logits, split_size=12000)[0] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    expect = np.exp(-(p * np.log(p)).sum())
+    assert fid.inception_score(logits, split_size=12000)[0] == pytest.approx(expect, rel=1e-6)
 
 # -----------------------------------------------------------------------------
 # precision / recall
@@ -216,8 +226,9 @@ def test_pr_matches_brute_force_any_block(n_ref, n_gen, d):
 # -----------------------------------------------------------------------------
 # the Inception network and its weights
 
-# conv weight shape (out, in, kh, kw) of each of the 94 BasicConv2d, i.e. the published key list: each contributes
-# P.conv.weight and P.bn.{weight,bias,running_mean,running_var}; plus fc.weight (1008, 2048), fc.bias (1008,)
+# conv weight shape (out, in, kh, kw) of each of the 94 BasicConv2d, i.e. the published key list: each
+# contributes P.conv.weight and P.bn.{weight,bias,running_mean,running_var}; plus fc.weight (1008, 2048),
+# fc.bias (1008,)
 CONV_TABLE = """
 Conv2d_1a_3x3 32 3 3 3
 Conv2d_2a_3x3 32 32 3 3
@@ -314,7 +325,8 @@ Mixed_7c.branch3x3dbl_3a 384 384 1 3
 Mixed_7c.branch3x3dbl_3b 384 384 3 1
 Mixed_7c.branch_pool 192 2048 1 1
 """
-# sha256 over sorted "key:shape" lines of the 472 tensors, from fid_spec.md section 1.3 (torch-fidelity's modules)
+# sha256 over sorted "key:shape" lines of the 472 tensors of the published weights file (the key names of
+# pytorch-fid's and torch-fidelity's modules)
 KEYS_SHA256 = '954403df03f5a6d824cbccdc11f2b359003e906b126822a8a9a1afc4b6c8b849'
 
 
@@ -338,8 +350,9 @@ def test_inception_keys_equal_published_list():
     got = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
     assert got == keys
     assert [n for n, m in model.named_children() if any(True for _ in m.parameters())] == [
-        'Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'Mixed_5b', 'Mixed_5c',
-        'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e', 'Mixed_7a', 'Mixed_7b', 'Mixed_7c', 'fc']
+        'Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'Mixed_5b',
+        'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e', 'Mixed_7a',
+        'Mixed_7b', 'Mixed_7c', 'fc']
 
 
 def synthetic_state_dict(seed=0):
@@ -388,27 +401,29 @@ def test_weights_load_with_and_without_num_batches_tracked(synth):
 def test_wrong_weights_file_is_a_clear_error(synth, tmp_path):
     sd = {k: v for k, v in synth[0].items() if not k.endswith('num_batches_tracked')}
     cases = {
-        'missing': ({k: v for k, v in sd.items() if k != 'Mixed_6d.branch1x1.conv.weight'}, '1 missing keys'),
-        'renamed': ({('AuxLogits.conv0' + k[13:] if k.startswith('Conv2d_1a_3x3') else k): v for k, v in sd.items()},
-                    'unexpected keys'),
+        'missing': ({k: v for k, v in sd.items() if k != 'Mixed_6d.branch1x1.conv.weight'},
+                    '1 missing key(s): Mixed_6d.branch1x1.conv.weight'),
+        'renamed': ({('AuxLogits.conv0' + k[13:] if k.startswith('Conv2d_1a_3x3') else k): v
+                     for k, v in sd.items()},
+                    '5 unexpected key(s): AuxLogits.conv0.bn.bias'),
         'torchvision_fc': ({**sd, 'fc.weight': torch.zeros(1000, 2048), 'fc.bias': torch.zeros(1000)},
-                           'fc.weight (1000, 2048)'),
+                           'fc.weight file (1000, 2048) vs model (1008, 2048)'),
         'not_a_dict': ([1, 2, 3], 'not a state_dict'),
     }
     for name, (obj, msg) in cases.items():
         p = str(tmp_path / f'{name}.pth')
         torch.save(obj, p)
-        with pytest.raises(fid.FIDError, match=msg.replace('(', r'\(').replace(')', r'\)')):
+        with pytest.raises(fid.UserError, match=msg.replace('(', r'\(').replace(')', r'\)')):
             fid.load_inception(p)
     junk = tmp_path / 'junk.pth'
     junk.write_bytes(b'not a torch file')
-    with pytest.raises(fid.FIDError, match='cannot read'):
+    with pytest.raises(fid.UserError, match='cannot read'):
         fid.load_inception(str(junk))
 
 
 def test_weights_from_hub_cache_or_one_checked_download(synth, monkeypatch):
     hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    with pytest.raises(fid.FIDError) as e:  # empty cache, network blocked: one line that says how to get the file
+    with pytest.raises(fid.UserError) as e:  # empty cache, no network: one line saying how to get the file
         fid.find_weights()
     msg = str(e.value)
     assert '\n' not in msg and fid.FID_WEIGHTS_URL in msg and '--weights' in msg and hub in msg
@@ -419,7 +434,7 @@ def test_weights_from_hub_cache_or_one_checked_download(synth, monkeypatch):
         os.link(synth[2], dst)
     monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
     path = fid.find_weights()
-    assert calls == [(fid.FID_WEIGHTS_URL, fid.FID_WEIGHTS_SHA256)]  # the full SHA-256 is checked, not a prefix
+    assert calls == [(fid.FID_WEIGHTS_URL, fid.FID_WEIGHTS_SHA256)]  # the full SHA-256 is checked
     assert path == os.path.join(hub, fid.FID_WEIGHTS_FILE)
     assert fid.find_weights() == path and len(calls) == 1  # second time: from the cache
     os.rename(path, os.path.join(hub, 'weights-inception-2015-12-05-6726825d.pth'))  # torch-fidelity's name
@@ -428,11 +443,15 @@ def test_weights_from_hub_cache_or_one_checked_download(synth, monkeypatch):
 
 def test_missing_weights_file_cli_one_line_error(tmp_path):
     env = {**os.environ, 'TORCH_HOME': str(tmp_path)}
-    cmd = [sys.executable, os.path.join(HERE, 'fid.py'), 'a.npz', 'b.npz', '--weights', str(tmp_path / 'nope.pth')]
+    for name in ('a', 'b'):  # valid images, so that the weights are needed (inputs are checked first)
+        np.savez(tmp_path / f'{name}.npz', arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    cmd = [sys.executable, os.path.join(HERE, 'fid.py'), 'a.npz', 'b.npz', '--weights',
+           str(tmp_path / 'nope.pth')]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stdout == ''
     lines = r.stderr.strip().split('\n')
-    assert len(lines) == 1 and 'nope.pth' in lines[0] and fid.FID_WEIGHTS_URL in lines[0] and '--weights' in lines[0]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'nope.pth' in lines[0]
+    assert fid.FID_WEIGHTS_URL in lines[0] and '--weights' in lines[0]
 
 
 def test_forward_shapes_layout_and_batch_independence(net):
@@ -470,7 +489,7 @@ def test_basic_conv_is_conv_bn_relu_with_tf_eps():
     torch.manual_seed(1)
     m = fid.BasicConv2d(3, 4, (1, 3), padding=(0, 1)).eval()
     m.bn.running_mean.normal_()
-    m.bn.running_var.uniform_(1e-3, 1e-2)  # small variances make eps = 1e-3 (TF) vs 1e-5 (torch default) visible
+    m.bn.running_var.uniform_(1e-3, 1e-2)  # small variances: eps = 1e-3 (TF) vs 1e-5 (torch default) shows
     m.bn.weight.data.normal_()
     m.bn.bias.data.normal_()
     x = torch.randn(2, 3, 5, 5)
@@ -485,7 +504,7 @@ def test_basic_conv_is_conv_bn_relu_with_tf_eps():
 def test_fid_specific_pooling():
     x = torch.full((1, 5, 6, 6), 3.0)
     assert torch.equal(fid.tf_avg_pool(x), x)  # border means exclude the zero padding, like TF
-    assert F.avg_pool2d(x, 3, 1, 1)[0, 0, 0, 0] == pytest.approx(3.0 * 4 / 9)  # what torchvision's pool would do
+    assert F.avg_pool2d(x, 3, 1, 1)[0, 0, 0, 0] == pytest.approx(3.0 * 4 / 9)  # what torchvision's pool does
     torch.manual_seed(0)
     x = torch.randn(2, 6, 8, 8)
     model = fid.FIDInception()
@@ -494,11 +513,46 @@ def test_fid_specific_pooling():
     with torch.no_grad():
         assert torch.equal(e(x)[:, -192:], e.branch_pool(F.max_pool2d(x, 3, 1, 1)))
         e.pool = 'avg'
-        assert torch.allclose(e(x)[:, -192:], e.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+        tf_avg = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        assert torch.allclose(e(x)[:, -192:], e.branch_pool(tf_avg))
         a = fid.InceptionA(6, 8).eval()
         assert torch.allclose(a(x)[:, -8:], a.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
         c = fid.InceptionC(6, 4).eval()
-        assert torch.allclose(c(x)[:, -192:], c.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+        assert torch.allclose(c(x)[:, -192:], c.branch_pool(tf_avg))
+
+
+def load_golden_maker():
+    """tests/fixtures/make_inception_golden.py: its weight rule and inputs (it imports torch-fidelity only in
+    main)."""
+    spec = importlib.util.spec_from_file_location('make_inception_golden', GOLDEN_MAKER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_inception_forward_matches_torch_fidelity_golden():
+    # torch-fidelity 0.4.0's FeatureExtractorInceptionV3 (an independent TF-compatible port) on the same
+    # seeded weights and images: pool_3, ADM's mixed_6/conv spatial features and the IS logits, all values
+    mk = load_golden_maker()
+    with np.load(GOLDEN) as z:
+        golden = {k: z[k] for k in z.files}
+    assert 'torch-fidelity' in str(golden['source'])
+    model = fid.FIDInception()
+    sd = mk.seeded_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    assert mk.digest([sd[k] for k in sorted(sd)]) == str(golden['weights_sha256'])  # the same weights rebuilt
+    images = mk.seeded_inputs()
+    assert mk.digest(images) == str(golden['inputs_sha256'])
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    assert not unexpected and all(k.endswith('num_batches_tracked') for k in missing)
+    model.eval()
+    with torch.no_grad():
+        outs = [model(fid.preprocess(img[None], 'tf')) for img in images]  # 32x32, 64x48 (resized), 299x299
+    for i, name in enumerate(('pool', 'spatial', 'logits')):
+        got, want = np.concatenate([o[i].numpy() for o in outs]), golden[name]
+        assert got.shape == want.shape and np.abs(want).max() > 0.5  # activations did not vanish
+        for g, w in zip(got, want):  # per image, relative to its magnitude
+            assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max(), (name, np.abs(g - w).max(), np.abs(w).max())
+
 
 # -----------------------------------------------------------------------------
 # preprocessing
@@ -523,7 +577,8 @@ def tf1_resize_reference(img, oh, ow, coord=np.float64):
     return out
 
 
-@pytest.mark.parametrize('h,w,oh,ow', [(7, 9, 13, 5), (16, 16, 29, 29), (256, 256, 299, 299), (32, 32, 299, 299)])
+@pytest.mark.parametrize('h,w,oh,ow', [(7, 9, 13, 5), (16, 16, 29, 29), (256, 256, 299, 299),
+                                       (32, 32, 299, 299)])
 def test_tf_resize_matches_numpy_reference(h, w, oh, ow):
     img = np.random.default_rng(h * w).integers(0, 256, (h, w)).astype(np.float64)
     got = fid.tf_resize(torch.tensor(img, dtype=torch.float32)[None, None], (oh, ow))[0, 0].numpy()
@@ -566,7 +621,8 @@ def test_preprocess_normalisation_and_torch_mode():
 
 
 class StubInception(nn.Module):
-    """FIDInception's interface at ~no cost: fixed random projections of an 8x8 average of the preprocessed input."""
+    """FIDInception's interface at ~no cost: fixed random projections of an 8x8 average of the preprocessed
+    input."""
 
     def __init__(self):
         super().__init__()
@@ -611,7 +667,8 @@ def test_folder_and_npz_give_the_same_features(tmp_path):
         if i == 3:
             Image.fromarray(a[..., 0], 'L').save(folder / cls / f'{i}.png')
         elif i == 4:
-            Image.fromarray(np.dstack([a, np.full(a.shape[:2], 7, np.uint8)]), 'RGBA').save(folder / cls / f'{i}.PNG')
+            rgba = np.dstack([a, np.full(a.shape[:2], 7, np.uint8)])
+            Image.fromarray(rgba, 'RGBA').save(folder / cls / f'{i}.PNG')
         else:
             Image.fromarray(a).save(folder / cls / f'{i}.png')
     (folder / 'cat' / 'notes.txt').write_text('not an image')
@@ -641,7 +698,8 @@ def test_reference_formats_and_saved_stats(tmp_path, capsys):
     pool_r, spatial_r, _ = fid.inception_features(stub, fid.Images(refs))
     plain = fid.evaluate(s_path, r_path, model=stub, metrics=('pr',))
     assert (plain['precision'], plain['recall']) == fid.precision_recall(pool_r, pool_s)
-    # --save-stats writes float64 statistics of the reference (+ its features for P/R), tagged with the preprocessing
+    # --save-stats writes float64 statistics of the reference (+ its features for P/R), tagged with the
+    # preprocessing
     saved = str(tmp_path / 'saved.npz')
     fid.evaluate(s_path, r_path, model=stub, metrics=(), save_stats_path=saved)
     with np.load(saved) as z:
@@ -651,18 +709,21 @@ def test_reference_formats_and_saved_stats(tmp_path, capsys):
         assert np.array_equal(z['acts'], pool_r)
     res = fid.evaluate(s_path, saved, model=stub, metrics=('pr',))
     assert (res['precision'], res['recall']) == (plain['precision'], plain['recall'])
-    with pytest.raises(fid.FIDError, match='inception-tf'):  # statistics of another preprocessing are refused
+    with pytest.raises(fid.UserError, match='inception-tf'):  # statistics of another preprocessing: refused
         fid.evaluate(s_path, saved, model=stub, metrics=('fid',), resize='torch')
-    # ADM reference batch: stored mu/sigma (whole-dataset statistics) win over the statistics of its arr_0 images
+    # ADM reference batch: stored mu/sigma (whole-dataset statistics) win over the statistics of its arr_0
+    # images
     mu, sigma = np.full(2048, 0.5), np.eye(2048) * 2.0
     adm = str(tmp_path / 'adm.npz')
     np.savez(adm, arr_0=refs, mu=mu, sigma=sigma)
     res = fid.evaluate(s_path, adm, model=stub, metrics=('fid', 'sfid', 'pr'))
-    # closed form against sigma = 2I: |mu_s - mu|^2 + Tr(S) + 2d - 2 sqrt(2) Tr(S^1/2), and the non-zero eigenvalues
-    # of S = X^T X / (n-1) (X: centred features, 6 x 2048) are those of the 6 x 6 Gram matrix X X^T / (n-1)
+    # closed form against sigma = 2I: |mu_s - mu|^2 + Tr(S) + 2d - 2 sqrt(2) Tr(S^1/2), and the non-zero
+    # eigenvalues of S = X^T X / (n-1) (X: centred features, 6 x 2048) are those of the 6 x 6 Gram matrix X
+    # X^T / (n-1)
     xc = pool_s.astype(np.float64) - pool_s.mean(0)
     gram_eig = np.clip(np.linalg.eigvalsh(xc @ xc.T / 5), 0, None)
-    expect = ((pool_s.mean(0) - 0.5) ** 2).sum() + gram_eig.sum() + 2 * 2048 - 2 * np.sqrt(2) * np.sqrt(gram_eig).sum()
+    expect = ((pool_s.mean(0) - 0.5) ** 2).sum() + gram_eig.sum() + 2 * 2048 \
+        - 2 * np.sqrt(2) * np.sqrt(gram_eig).sum()
     assert res['fid'] == pytest.approx(expect, rel=1e-8)
     assert res['precision'] == plain['precision'] and 'sfid' not in res  # P/R from arr_0; no mu_s -> no sFID
     assert 'sFID skipped' in capsys.readouterr().err
@@ -688,7 +749,7 @@ def test_cli_end_to_end_with_synthetic_weights(synth, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().split('\n')
     assert [ln.split(':')[0] for ln in lines] == ['Inception Score', 'FID', 'sFID', 'Precision', 'Recall']
     res = json.load(open(out))
-    assert {'is', 'is_std', 'fid', 'sfid', 'precision', 'recall', 'n_samples', 'n_ref', 'resize'} <= res.keys()
+    assert {'is', 'is_std', 'fid', 'sfid', 'precision', 'recall', 'n_samples', 'n_ref', 'resize'} <= set(res)
     assert abs(res['fid']) < 1e-9 and abs(res['sfid']) < 1e-9  # FID(x, x) ~ 0: folder and npz agree
     assert res['precision'] == res['recall'] == 1.0 and res['n_samples'] == res['n_ref'] == 4
     assert 1 <= res['is'] <= 4
@@ -696,12 +757,13 @@ def test_cli_end_to_end_with_synthetic_weights(synth, tmp_path, capsys):
 
 def test_guard_rails(tmp_path, capsys):
     np.savez(tmp_path / 'one.npz', arr_0=np.zeros((1, 8, 8, 3), np.uint8))
-    with pytest.raises(fid.FIDError, match='at least 2'):
+    with pytest.raises(fid.UserError, match='at least 2'):
         fid.Images(str(tmp_path / 'one.npz'))
     np.savez(tmp_path / 'float.npz', arr_0=np.zeros((4, 8, 8, 3), np.float32))
-    with pytest.raises(fid.FIDError, match='uint8'):
+    with pytest.raises(fid.UserError, match='uint8'):
         fid.Images(str(tmp_path / 'float.npz'))
-    np.savez(tmp_path / 'few.npz', arr_0=np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
+    few = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'few.npz', arr_0=few)
     fid.evaluate(str(tmp_path / 'few.npz'), model=StubInception(), metrics=('is',))
     assert '< 2048' in capsys.readouterr().err
     assert fid.main([str(tmp_path / 'float.npz'), '--weights', str(tmp_path / 'none.pth')]) == 2
@@ -709,12 +771,208 @@ def test_guard_rails(tmp_path, capsys):
 
 def test_help_documents_every_flag():
     parser = fid.build_parser()
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'fid.py'), '--help'], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'fid.py'), '--help'], capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0
     for action in parser._actions:
         assert action.help and len(action.help) > 10, action.dest
         for opt in action.option_strings or [action.dest]:
             assert opt in r.stdout
+
+
+def test_fid_py_runs_alone(synth, tmp_path):
+    # fid.py copied into an empty folder (no tokenizer.py): --help, and an Inception FID between two .npz
+    # files
+    alone = tmp_path / 'alone'
+    alone.mkdir()
+    shutil.copy(os.path.join(HERE, 'fid.py'), alone / 'fid.py')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['TORCH_HOME'] = str(tmp_path / 'torch_home')
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=alone,
+                              timeout=300)
+    site = [p for p in sys.path if p.endswith('-packages')]  # what the child imports besides its own folder
+    assert os.listdir(alone) == ['fid.py']
+    assert importlib.machinery.PathFinder.find_spec('tokenizer', site) is None
+    assert run('fid.py', '--help').returncode == 0
+    rng = np.random.default_rng(20)
+    a, b = (rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8) for _ in range(2))
+    np.savez(alone / 'a.npz', arr_0=a)
+    np.savez(alone / 'b.npz', arr_0=b)
+    r = run('fid.py', 'a.npz', 'b.npz', '--weights', synth[2], '--metrics', 'fid,is', '--json', 'res.json',
+            '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    got = json.load(open(alone / 'res.json'))
+    net = fid.load_inception(synth[2])
+    pa, _, la = fid.inception_features(net, fid.Images(a))
+    pb = fid.inception_features(net, fid.Images(b))[0]
+    expect = fid.frechet_distance(*fid.gaussian_stats(pa), *fid.gaussian_stats(pb))
+    assert expect > 0.1 and got['fid'] == pytest.approx(expect, rel=1e-4)
+    assert got['is'] == pytest.approx(fid.inception_score(la)[0], rel=1e-4)
+    r = run('fid.py', 'a.npz', 'toy', '--weights', synth[2])  # a dataset spec needs tokenizer.py: one line
+    assert r.returncode == 2 and r.stderr.strip().split('\n') == [r.stderr.strip()]
+    assert r.stderr.startswith("error: reading the dataset 'toy' needs tokenizer.py")
+
+
+def cli_error(tmp_path, capsys, *inputs):
+    """Run the CLI on bad inputs: one line 'error: ...', exit 2, quickly, no output file, no weights
+    needed."""
+    res, stats = tmp_path / 'out' / 'res.json', tmp_path / 'out' / 'stats.npz'
+    t0 = time.time()
+    rc = fid.main([*map(str, inputs), '--weights', str(tmp_path / 'absent.pth'), '--json', str(res),
+                   '--save-stats', str(stats), '--device', 'cpu'])
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.out == '' and time.time() - t0 < 20
+    errors = [ln for ln in cap.err.split('\n') if ln.startswith('error:')]
+    assert len(errors) == 1 and cap.err.rstrip('\n').split('\n')[-1] == errors[0]
+    assert 'absent.pth' not in errors[0]  # refused before the Inception weights were looked for
+    assert not res.exists() and not stats.exists() and not list(tmp_path.rglob('*.tmp'))
+    return errors[0]
+
+
+def test_image_array_layouts(tmp_path, capsys):
+    rng = np.random.default_rng(21)
+    x = rng.integers(0, 256, (5, 12, 10, 3), dtype=np.uint8)
+    stub = StubInception()
+    want = fid.inception_features(stub, fid.Images(x), batch_size=2)
+    rgba = np.concatenate([x, np.full((5, 12, 10, 1), 9, np.uint8)], -1)
+    grey = x[..., :1]
+    grey3 = np.repeat(grey, 3, -1)
+    cases = {'nchw': (x.transpose(0, 3, 1, 2), x), 'nhwc_rgba': (rgba, x),
+             'nchw_rgba': (rgba.transpose(0, 3, 1, 2), x), 'nchw_grey': (grey.transpose(0, 3, 1, 2), grey3),
+             'nhw': (grey[..., 0], grey3)}
+    for name, (arr, expect) in cases.items():
+        p = str(tmp_path / f'{name}.npz')
+        np.savez(p, arr_0=arr)
+        imgs = fid.Images(p)
+        assert imgs.n == 5 and imgs.size == 12, name
+        assert np.array_equal(np.concatenate(list(imgs.batches(2))), expect), name
+        assert np.array_equal(np.concatenate(list(fid.Images(arr).batches(3))), expect), name  # an array too
+    got = fid.inception_features(stub, fid.Images(str(tmp_path / 'nchw.npz')), batch_size=2)
+    assert all(np.array_equal(u, v) for u, v in zip(got, want))
+    np.savez(tmp_path / 'nhwc.npz', arr_0=x)
+    res = fid.evaluate(str(tmp_path / 'nchw.npz'), str(tmp_path / 'nhwc.npz'), model=stub, metrics=('fid',))
+    assert abs(res['fid']) < 1e-6
+    for name, arr in {'nhwc2': x[..., :2], 'nchw2': x[..., :2].transpose(0, 3, 1, 2), 'five': rng.integers(
+            0, 256, (5, 12, 10, 5), dtype=np.uint8), 'single_image': x[0], 'flat': x.reshape(5, -1)}.items():
+        np.savez(tmp_path / f'{name}.npz', arr_0=arr)
+        msg = cli_error(tmp_path, capsys, tmp_path / f'{name}.npz')
+        assert f'{name}.npz: arr_0' in msg and str(arr.shape) in msg and '(N, H, W, C)' in msg, msg
+
+
+def test_corrupt_images_in_a_folder_are_skipped(tmp_path, capsys):
+    rng = np.random.default_rng(22)
+    x = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    folder = tmp_path / 'imgs'
+    for i, a in enumerate(x):
+        (folder / f'c{i % 2}').mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(folder / f'c{i % 2}' / f'{i}.png')
+    (folder / 'c0' / '1_garbage.png').write_bytes(b'not an image' * 20)  # PIL cannot identify it
+    data = (folder / 'c1' / '1.png').read_bytes()
+    (folder / 'c1' / '2_truncated.png').write_bytes(data[:len(data) // 2])  # header fine, pixels cut off
+    imgs = fid.Images(str(folder))
+    err = capsys.readouterr().err
+    assert imgs.n == 5 and err.count('\n') == 1 and err.startswith('warning: skipped 1 unreadable')
+    assert '1_garbage' in err
+    order = [0, 2, 1, 3]  # sorted: c0/0, c0/2, c1/1, c1/3
+    assert np.array_equal(np.concatenate(list(imgs.batches(2))), x[order])
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('warning: skipped unreadable image')
+    assert '2_truncated' in err
+    assert imgs.labels == ['c0', 'c0', 'c1', 'c1']  # the truncated file's label left out with it
+    stub = StubInception()
+    np.savez(tmp_path / 'good.npz', arr_0=x[order])
+    got = fid.inception_features(stub, fid.Images(str(folder)), batch_size=3)
+    want = fid.inception_features(stub, fid.Images(str(tmp_path / 'good.npz')), batch_size=3)
+    assert all(np.array_equal(u, v) for u, v in zip(got, want))
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    for i in range(3):
+        (bad / f'{i}.png').write_bytes(b'junk')
+    assert 'no readable images' in cli_error(tmp_path, capsys, bad)
+    for i in range(3):
+        (bad / f'{i}.png').write_bytes(data[:len(data) // 2])
+    with pytest.raises(fid.UserError, match='only 0 of 3 images could be decoded'):
+        fid.evaluate(str(bad), model=stub, metrics=('is',))
+
+
+def test_bad_statistics_files(tmp_path, capsys):
+    rng = np.random.default_rng(23)
+    np.savez(tmp_path / 's.npz', arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    np.savez(tmp_path / 'no_sigma.npz', mu=mu)
+    msg = cli_error(tmp_path, capsys, tmp_path / 's.npz', tmp_path / 'no_sigma.npz')
+    assert "missing 'sigma'" in msg and 'no_sigma.npz' in msg
+    np.savez(tmp_path / 'half_spatial.npz', mu=mu, sigma=sigma, mu_s=np.zeros(2023))
+    s = tmp_path / 's.npz'
+    assert "missing 'sigma_s'" in cli_error(tmp_path, capsys, s, tmp_path / 'half_spatial.npz')
+    np.savez(tmp_path / 'only_sigma.npz', sigma=sigma)
+    assert "missing 'mu'" in cli_error(tmp_path, capsys, tmp_path / 'only_sigma.npz', tmp_path / 's.npz')
+    np.savez(tmp_path / 'shapes.npz', mu=mu, sigma=np.eye(16))
+    assert "'sigma' of shape (16, 16)" in cli_error(tmp_path, capsys, s, tmp_path / 'shapes.npz')
+    (tmp_path / 'text.npz').write_text('not a zip')
+    assert 'cannot read' in cli_error(tmp_path, capsys, tmp_path / 'text.npz', tmp_path / 's.npz')
+    assert 'missing.npz not found' in cli_error(tmp_path, capsys, s, tmp_path / 'missing.npz')
+
+
+def fd_to_isotropic(pool, mu, c):
+    """FID between the Gaussian of pool (n x 2048, n small) and N(mu, c I) in closed form: |m - mu|^2 + Tr(S)
+    + c d
+    - 2 sqrt(c) Tr(S^1/2); the non-zero eigenvalues of S = X^T X / (n-1) are those of the n x n X X^T /
+    (n-1)."""
+    xc = pool.astype(np.float64) - pool.mean(0)
+    eig = np.clip(np.linalg.eigvalsh(xc @ xc.T / (len(pool) - 1)), 0, None)
+    return ((pool.mean(0) - mu) ** 2).sum() + eig.sum() + c * pool.shape[1] - 2 * np.sqrt(c * eig).sum()
+
+
+def test_samples_with_images_and_stats_use_the_images(tmp_path):
+    rng = np.random.default_rng(24)
+    x, y = (rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8) for _ in range(2))
+    junk = dict(mu=np.full(2048, 5.0), sigma=np.eye(2048) * 3, mu_s=np.ones(2023), sigma_s=np.eye(2023))
+    np.savez(tmp_path / 'both.npz', arr_0=x, **junk)  # e.g. a samples file someone added statistics to
+    np.savez(tmp_path / 'y.npz', arr_0=y)
+    np.savez(tmp_path / 'ref_stats.npz', mu=np.full(2048, 0.5), sigma=np.eye(2048) * 2)
+    stub = StubInception()
+    pool, _, logits = fid.inception_features(stub, fid.Images(x))
+    pool_y = fid.inception_features(stub, fid.Images(y))[0]
+    res = fid.evaluate(str(tmp_path / 'both.npz'), str(tmp_path / 'ref_stats.npz'), model=stub,
+                       metrics=('is', 'fid'))
+    assert res['n_samples'] == 6 and res['is'] == fid.inception_score(logits)[0]  # IS from arr_0, as ADM
+    assert res['fid'] == pytest.approx(fd_to_isotropic(pool, 0.5, 2.0), rel=1e-6)  # the images', not junk
+    # as the reference the same file's stored statistics win (an ADM reference batch); its images serve P/R
+    res = fid.evaluate(str(tmp_path / 'y.npz'), str(tmp_path / 'both.npz'), model=stub, metrics=('fid', 'pr'))
+    assert res['fid'] == pytest.approx(fd_to_isotropic(pool_y, 5.0, 3.0), rel=1e-6)
+    assert (res['precision'], res['recall']) == fid.precision_recall(pool, pool_y)
+
+
+def test_two_stats_files_need_no_weights(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(25)
+    acts = [rng.normal(size=(30, 16)) + i for i in range(2)]
+    spatial = [rng.normal(size=(30, 8)) * (1 + i) for i in range(2)]
+    for i, name in enumerate(('s', 'r')):
+        st = dict(zip(('mu', 'sigma'), fid.gaussian_stats(acts[i])))
+        st.update(zip(('mu_s', 'sigma_s'), fid.gaussian_stats(spatial[i])))
+        np.savez(tmp_path / f'{name}.npz', acts=acts[i], **st)
+        np.savez(tmp_path / f'{name}_fid_only.npz', mu=st['mu'], sigma=st['sigma'])
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: pytest.fail('Inception weights were loaded'))
+    out = str(tmp_path / 'res.json')
+    rc = fid.main([str(tmp_path / 's.npz'), str(tmp_path / 'r.npz'), '--weights', 'absent.pth',
+                   '--json', out])
+    assert rc == 0
+    res = json.load(open(out))
+    fd = fid.frechet_distance(*fid.gaussian_stats(acts[0]), *fid.gaussian_stats(acts[1]))
+    assert res['fid'] == pytest.approx(fd)
+    assert res['sfid'] == pytest.approx(
+        fid.frechet_distance(*fid.gaussian_stats(spatial[0]), *fid.gaussian_stats(spatial[1])))
+    assert (res['precision'], res['recall']) == fid.precision_recall(acts[1], acts[0]) and 'is' not in res
+    assert 'Inception Score skipped' in capsys.readouterr().err
+    res = fid.evaluate(str(tmp_path / 's_fid_only.npz'), str(tmp_path / 'r.npz'))  # no model argument either
+    assert res['fid'] == pytest.approx(fd)
+    assert 'sfid' not in res and 'precision' not in res
+    err = capsys.readouterr().err
+    assert 'sFID skipped' in err and 'Precision/Recall skipped' in err
+
 
 # -----------------------------------------------------------------------------
 # the domain classifier
@@ -728,13 +986,15 @@ def line_images(n, size, seed):
     idx = np.arange(size)
     for i, c in enumerate(y):
         p = rng.integers(2, size - 2)
-        rows, cols = [(np.full(size, p), idx), (idx, np.full(size, p)), (idx, (idx + p) % size), (idx, (p - idx) % size)][c]
+        rows, cols = [(np.full(size, p), idx), (idx, np.full(size, p)), (idx, (idx + p) % size),
+                      (idx, (p - idx) % size)][c]
         x[i, rows, cols] = rng.integers(200, 256, 3)
     return x, y
 
 
 def blur(x):
-    return np.clip(np.round(gaussian_filter(x.astype(np.float64), sigma=(0, 1, 1, 0))), 0, 255).astype(np.uint8)
+    blurred = gaussian_filter(x.astype(np.float64), sigma=(0, 1, 1, 0))
+    return np.clip(np.round(blurred), 0, 255).astype(np.uint8)
 
 
 def test_gaussian_blur_matches_scipy():
@@ -748,7 +1008,7 @@ def test_gaussian_blur_matches_scipy():
 
 def test_domain_classifier_end_to_end(tmp_path, capsys):
     data = str(tmp_path / 'lines.npz')
-    np.savez(data, images=line_images(480, 16, 0)[0], labels=line_images(480, 16, 0)[1])  # tokenizer's npz format
+    np.savez(data, images=line_images(480, 16, 0)[0], labels=line_images(480, 16, 0)[1])  # tokenizer's format
     clf = str(tmp_path / 'clf.pt')
     assert fid.main(['--train-classifier', data, '--out', clf, '--image-size', '16', '--steps', '120']) == 0
     assert 'held-out accuracy' in capsys.readouterr().out
@@ -757,7 +1017,7 @@ def test_domain_classifier_end_to_end(tmp_path, capsys):
     np.savez(tmp_path / 'b.npz', arr_0=x[200:], labels=y[200:])
     np.savez(tmp_path / 'b_blur.npz', arr_0=blur(x[200:]), labels=y[200:])
     np.savez(tmp_path / 'b_wrong.npz', arr_0=x[200:], labels=(y[200:] + 1) % 4)
-    np.savez(tmp_path / 'b_big.npz', arr_0=x[200:].repeat(2, 1).repeat(2, 2), labels=y[200:])  # 32 px -> resized
+    np.savez(tmp_path / 'b_big.npz', arr_0=x[200:].repeat(2, 1).repeat(2, 2), labels=y[200:])  # 32 px
     p = {k: str(tmp_path / f'{k}.npz') for k in ('a', 'b', 'b_blur', 'b_wrong', 'b_big')}
     real = fid.domain_metrics(p['b'], p['a'], clf)
     blurred = fid.domain_metrics(p['b_blur'], p['a'], clf)
@@ -777,10 +1037,10 @@ def test_domain_classifier_end_to_end(tmp_path, capsys):
     ds_ref = fid.domain_metrics(p['b'], data, clf, ref_split='val', save_stats_path=st)
     assert ds_ref['n_ref'] == 24
     assert fid.domain_metrics(p['b'], st, clf)['fid'] == pytest.approx(ds_ref['fid'], rel=1e-12)
-    with pytest.raises(fid.FIDError, match='domain-'):
+    with pytest.raises(fid.UserError, match='domain-'):
         fid.evaluate(p['b'], st, model=StubInception(), metrics=('fid',))
     np.savez(tmp_path / 'inception_stats.npz', mu=np.zeros(2048), sigma=np.eye(2048))
-    with pytest.raises(fid.FIDError, match="'inception' features"):
+    with pytest.raises(fid.UserError, match="'inception' features"):
         fid.domain_metrics(p['b'], str(tmp_path / 'inception_stats.npz'), clf)
     js = str(tmp_path / 'd.json')
     assert fid.main([p['b'], p['a'], '--features', clf, '--json', js]) == 0
@@ -793,6 +1053,7 @@ def test_domain_classifier_end_to_end(tmp_path, capsys):
 def test_domain_classifier_reads_mnist(tmp_path):
     clf = str(tmp_path / 'clf.pt')
     acc = fid.train_classifier(MNIST, clf, image_size=32, steps=100)
-    assert acc >= 0.9  # 100 steps (96% measured); the default 600 steps reach 98.6% (notes_fid.md)
+    assert acc >= 0.9  # 100 steps (96% measured); the default 600 steps reach 98.6%
     ck = torch.load(clf, weights_only=True)
-    assert ck['num_classes'] == 10 and ck['image_size'] == 32 and ck['class_names'] == [str(i) for i in range(10)]
+    assert ck['num_classes'] == 10 and ck['image_size'] == 32
+    assert ck['class_names'] == [str(i) for i in range(10)]
