@@ -5,11 +5,11 @@ Paper: "Rethinking Training Dynamics in Scale-wise Autoregressive Generation" (a
 numbers in the comments refer to it. The generator is FlexVAR, state-dict compatible with the official
 FlexVAR / SAR checkpoints; the multi-scale VQ tokenizer lives in tokenizer.py.
 
-    python tokenizer.py                                   # a tokenizer for the built-in toy data (4 min, CPU)
-    python sar.py --mode tf --steps 350                   # teacher-forcing pretraining      -> out/tf/ckpt.pt
-    python sar.py --mode sar --init out/tf/ckpt.pt --steps 50   # SAR post-training          -> out/sar/ckpt.pt
-    python sar.py --sample --ckpt out/sar/ckpt.pt         # samples.png (one row per class)
-    torchrun --standalone --nproc_per_node 8 sar.py --depth 16 --data /imagenet/train --vae FlexVAE.pth ...
+    python tokenizer.py                                       # a tokenizer for the built-in toy data
+    python sar.py --mode tf --steps 350                       # teacher-forcing pretraining -> out/tf/ckpt.pt
+    python sar.py --mode sar --init out/tf/ckpt.pt --steps 50       # SAR post-training -> out/sar/ckpt.pt
+    python sar.py --sample --ckpt out/sar/ckpt.pt             # -> out/sar/samples.png, a row per class
+    torchrun --standalone --nproc_per_node 8 sar.py --mode sar --depth 16 --data /imagenet/train ...
 
 Read top to bottom, the file follows the method:
   1. attention and the AdaLN block
@@ -24,30 +24,28 @@ Shapes: B batch, L tokens of a whole scale list, C model width, H heads, V codeb
 A scale list holds side lengths pn_0 < pn_1 < ...; scale i is a pn_i x pn_i token map, flattened row-major.
 """
 
-import argparse
-import functools
-import json
-import math
-import os
-import random
-import sys
-import time
+import argparse, functools, json, math, os, random, sys, time
+from collections import OrderedDict
 from contextlib import nullcontext
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
-from tokenizer import (UserError, check_scales, load_checkpoint, load_dataset, load_state_dict_strict,
-                       load_tokenizer, lr_at, parse_ints, parse_scales, save_atomic, save_image_grid, to_uint8)
+from tokenizer import (UserError, check_scales, check_writable, error_line, load_checkpoint, load_dataset,
+                       load_state_dict_strict, load_tokenizer, lr_at, parse_scales, save_atomic, save_image_grid,
+                       step_batches, step_seed, to_uint8)
 
-OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list at 256 px output (L = 680 tokens)
+OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680 tokens)
 LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop configuration (8x8 latent, L = 155)
 
 # --------------------------------------------------------------------------------------------------------
 # 1. attention and the AdaLN block (FlexVAR keeps VAR's blocks; names match the official state_dict)
 # --------------------------------------------------------------------------------------------------------
-
 class SelfAttention(nn.Module):
     """Multi-head attention on L2-normalised q and k with a learned per-head temperature.
 
@@ -71,43 +69,37 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                          # each (B, H, L, 64)
         q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
         k = F.normalize(k, dim=-1)
-        if cache is not None:  # sampling: keys/values of the coarser scales are kept; the new scale sees them all
+        if cache is not None:
+            # sampling: the keys/values of the coarser scales are kept, the new scale attends to all of them
             if 'k' in cache:
                 k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
             cache['k'], cache['v'] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)   # (B, H, L, 64)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
-class FFN(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate='tanh'))
-
 def drop_path(x, p, training):
     """Stochastic depth: the residual branch of a whole sample is dropped, the kept ones rescaled."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p) / (1 - p)
 
 class AdaLNBlock(nn.Module):
-    """Transformer block whose LayerNorms are modulated by the class embedding (adaptive LayerNorm): the
-    class enters every block as 6 vectors, in the official order gamma1, gamma2, scale1, scale2, shift1, shift2
-    (gamma = residual gate; scale/shift of the attention branch (1) and of the FFN branch (2))."""
+    """A transformer block whose LayerNorms are modulated by the class (adaptive LayerNorm): the class enters
+    every block as 6 vectors, in the official order gamma1, gamma2, scale1, scale2, shift1, shift2
+    (gamma: the residual gates; scale/shift of the attention branch (1) and of the FFN branch (2))."""
 
     def __init__(self, dim, heads, drop_path_rate, eps=1e-6):
         super().__init__()
         self.attn = SelfAttention(dim, heads)
-        self.ffn = FFN(dim, 4 * dim)
+        self.ffn = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(approximate='tanh'),
+                                             fc2=nn.Linear(4 * dim, dim)))
         self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x, cond_BC, attn_mask, cache=None):
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BC).view(-1, 1, 6, x.shape[-1]).unbind(2)
+        ada = self.ada_lin(cond_BC).view(-1, 1, 6, x.shape[-1])
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)          # each (B, 1, C)
         h = self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, attn_mask, cache)
         x = x + drop_path(h * gamma1, self.drop_path_rate, self.training)
         h = self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2)
@@ -126,36 +118,30 @@ class AdaLNBeforeHead(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 # 2. the scale-wise transformer and its block-causal scale mask
 # --------------------------------------------------------------------------------------------------------
-
 def begin_ends(scales):
     """[(start, end)]: the token range of every scale in the flattened sequence."""
-    ends = [0]
-    for pn in scales:
-        ends.append(ends[-1] + pn * pn)
+    ends = [sum(pn * pn for pn in scales[:i]) for i in range(len(scales) + 1)]
     return list(zip(ends[:-1], ends[1:]))
 
 def block_causal_mask(scales, device=None):
-    """(L, L) bool, True = may attend. Eq. (1) factorises p(f_1..f_K) over scales, so a token sees every token
-    of its own scale (they are predicted together, in parallel) and of all coarser scales, never a finer one."""
+    """(L, L) bool, True = may attend. Eq. (1) factorises p(f_1..f_K) over scales, so a token sees every
+    token of its own scale (they are predicted together, in parallel) and of all coarser scales, never a
+    finer one."""
     d = torch.cat([torch.full((pn * pn,), i, device=device) for i, pn in enumerate(scales)])
     return d[:, None] >= d[None, :]
-
-def attn_bias(scales):
-    """The same mask in the official additive form (1, 1, L, L): 0 allowed, -inf masked."""
-    m = block_causal_mask(scales)
-    return torch.zeros(m.shape).masked_fill_(~m, float('-inf'))[None, None]
 
 class FlexVAR(nn.Module):
     """The scale-wise AR transformer. `depth` is the one size knob: width C = 64 * depth, heads = depth.
 
-    Input for a scale list pn_0..pn_{K-1}: scale 0 is the class token (pn_0^2 copies of the class embedding +
-    pos_start); scale i >= 1 holds scale i-1's code vectors upsampled to pn_i x pn_i (section 3). Positions come
-    from one learned 32x32 grid area-resampled to each scale, so any scale list works (FlexVAR's point)."""
+    Input for a scale list pn_0..pn_{K-1}: scale 0 is the class token (pn_0^2 copies of the class embedding
+    + pos_start); scale i >= 1 holds scale i-1's code vectors upsampled to pn_i x pn_i (section 3). The
+    positions come from one learned 32x32 grid, area-resampled to each scale: any scale list works."""
 
     def __init__(self, depth=16, vocab_size=8912, num_classes=1000, codebook_dim=32, drop_path_rate=None):
         super().__init__()
         C = 64 * depth
-        self.config = dict(depth=depth, vocab_size=vocab_size, num_classes=num_classes, codebook_dim=codebook_dim)
+        self.config = dict(depth=depth, vocab_size=vocab_size, num_classes=num_classes,
+                           codebook_dim=codebook_dim)
         self.depth, self.C, self.V, self.num_classes = depth, C, vocab_size, num_classes
         dpr = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
         self.word_embed = nn.Linear(codebook_dim, C)
@@ -188,7 +174,8 @@ class FlexVAR(nn.Module):
     def forward(self, label_B, x_BLCv, scales, first_pos=True):
         """label_B (B,) class ids; x_BLCv (B, L - pn_0^2, Cv) the inputs of scales 1..K-1.
         Returns logits (B, L, V) for the tokens of every scale, all scales in one parallel pass."""
-        with torch.autocast(device_type=label_B.device.type, enabled=False):  # embeddings stay fp32 (official)
+        # as in the official code, the embeddings stay fp32 under autocast
+        with torch.autocast(device_type=label_B.device.type, enabled=False):
             x, cond_BC = self.embed(label_B, x_BLCv, scales, first_pos)
         mask = block_causal_mask(scales, x.device)
         for block in self.blocks:
@@ -218,8 +205,7 @@ class FlexVAR(nn.Module):
 def sincos_grid(C, size=32):
     """(1, C, size, size): even channels sin(row * w_j), odd channels cos(col * w_j), w_j = 10000^(-2j/C)."""
     w = torch.exp(-torch.arange(C // 2, dtype=torch.float64) * 2 * math.log(10000.0) / C)
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
-                            indexing='ij')
+    ys, xs = torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * 2, indexing='ij')
     grid = torch.empty(C, size, size, dtype=torch.float64)
     grid[0::2] = torch.sin(ys[None] * w[:, None, None])
     grid[1::2] = torch.cos(xs[None] * w[:, None, None])
@@ -233,17 +219,17 @@ def sincos_grid(C, size=32):
 # upsampled to pn_i x pn_i. The block-causal mask lets scale i also see everything coarser, so all K
 # predictions of eq. (4), f^(T)_i = g(f_{1:i-1}), come out of one forward pass.
 
-def upsample(f, pn):
-    """(B, Cv, h, w) -> (B, Cv, pn, pn): the official bicubic resize between scales (align_corners=False)."""
-    return F.interpolate(f, size=(pn, pn), mode='bicubic', align_corners=False)
+def scale_shift(vae, idx, pn, nxt):
+    """(B, pn^2) tokens of scale pn -> (B, nxt^2, Cv): their code vectors, upsampled to the next scale with
+    the official bicubic resize (align_corners=False) and flattened row-major: the input of scale `nxt`."""
+    f = F.interpolate(vae.embed(idx, pn), size=(nxt, nxt), mode='bicubic', align_corners=False)
+    return f.flatten(2).transpose(1, 2)
 
 def tf_input(vae, idx_list, scales):
     """The scale-shift input (B, L - pn_0^2, Cv): the code vectors of scale i upsampled to scale i+1, for
-    i = 0..K-2 (the finest map is only a target). With GT maps this is eq. (2); with the model's own maps it is
-    what the model sees at inference."""
-    xs = [upsample(vae.embed(idx, pn), nxt).flatten(2).transpose(1, 2)
-          for idx, pn, nxt in zip(idx_list[:-1], scales[:-1], scales[1:])]
-    return torch.cat(xs, dim=1)
+    i = 0..K-2 (the finest map is only a target). With the GT maps this is eq. (2); with the model's own
+    maps it is what the model sees at inference."""
+    return torch.cat([scale_shift(vae, t, pn, nxt) for t, pn, nxt in zip(idx_list, scales, scales[1:])], 1)
 
 @torch.no_grad()
 def gt_tokens_and_inputs(vae, images, scales):
@@ -252,7 +238,7 @@ def gt_tokens_and_inputs(vae, images, scales):
     return gt_idx, tf_input(vae, gt_idx, scales)
 
 def drop_labels(labels, p, num_classes, generator=None):
-    """Class dropout: with probability p a sample becomes unconditional, which trains the model used by CFG."""
+    """Class dropout: with probability p a sample becomes unconditional, which trains the model CFG uses."""
     if p <= 0:
         return labels
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
@@ -262,26 +248,18 @@ def token_ce(logits_BLV, target_BL):
     """Token-mean cross entropy: the official loss weighs every token 1/L (no per-scale weights)."""
     return F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten())
 
-@torch.no_grad()
-def per_scale_stats(logits_BLV, target_BL, scales):
-    """{pn: (cross entropy, token accuracy)} per scale, for the training log and the exposure-bias study."""
-    ce = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten(), reduction='none')
-    ce, acc = ce.view(target_BL.shape), (logits_BLV.argmax(-1) == target_BL).float()
-    return {pn: (ce[:, a:b].mean().item(), acc[:, a:b].mean().item()) for pn, (a, b) in zip(scales, begin_ends(scales))}
-
 def tf_loss(model, gt_idx, x_in, labels, scales, gen=None, *, num_classes, cond_drop=0.1):
     """Eq. (9): L_TF, the cross entropy of the teacher-forced predictions (one pass, eq. 4) against the GT.
-    Returns (loss, info); info keeps the logits and targets for logging and for SAR's rollout."""
-    target = torch.cat(gt_idx, dim=1)                                          # (B, L)
-    logits = model(drop_labels(labels, cond_drop, num_classes, gen), x_in, scales)   # (B, L, V)
-    loss = token_ce(logits, target)
-    return loss, dict(loss_tf=loss.detach(), logits=logits.detach(), target=target)
+    Returns (loss, info); info keeps the (detached) logits, from which SAR draws its rollout."""
+    logits = model(drop_labels(labels, cond_drop, num_classes, gen), x_in, scales)       # (B, L, V)
+    loss = token_ce(logits, torch.cat(gt_idx, dim=1))                                   # targets (B, L)
+    return loss, dict(loss_tf=loss.detach(), logits=logits.detach())
 
 def random_scales(default_scales, rng):
-    """FlexVAR's random scale list, drawn anew every step, so the model works for any list at inference.
-    For 1,2,...,13,16 this is exactly the official distribution: with p 0.05 the full list, else [1, 2] + 5 sides
+    """FlexVAR's random scale list, drawn anew every step, so that any list works at inference. For
+    1,2,...,13,16 it is exactly the official distribution: with p 0.05 the full list, else [1, 2] + 5 sides
     from 3..10 + 2 from 11..15 + [16]; then occasionally up to four middle scales are dropped, then scales
-    among the last four until the list fits the token budget (680). Another finest scale F scales the recipe."""
+    among the last four until the list fits the token budget (680). Another finest scale scales the recipe."""
     final, budget = default_scales[-1], sum(pn * pn for pn in default_scales)
     if rng.random() < 0.05:
         scales = list(default_scales)
@@ -302,22 +280,22 @@ def random_scales(default_scales, rng):
 # --------------------------------------------------------------------------------------------------------
 # At inference the model consumes its *own* coarser maps; under teacher forcing it never saw them (exposure
 # bias, section 3). SSR shows them to it at the cost of one extra forward pass:
-#   pass 1 = teacher forcing (above). Its predictions become tokens, without gradient (argmax, or sampling
-#            with or without CFG), which are embedded and upsampled to the next scale (eq. 5): the model's own
-#            output, shaped exactly like an inference input;
-#   pass 2 = the model once more on those inputs: the one-step student-forced predictions f^(S) (eq. 6).
-# CSFL (eq. 10) pulls f^(S) towards the teacher-forced prediction, not towards the ground truth: the student's
-# input has drifted from the GT hierarchy, so the GT would be a contradictory target (why naive student forcing
-# fails, section 4.1). Paper vs official code (the defaults are what the official scripts run):
+#   pass 1 = teacher forcing (above). Its predictions become tokens without gradient (argmax, or sampling
+#            with or without CFG), embedded and upsampled to the next scale (eq. 5): the model's own output,
+#            shaped exactly like an inference input;
+#   pass 2 = the model once more, on those inputs: the one-step student-forced predictions f^(S) (eq. 6).
+# CSFL (eq. 10) pulls f^(S) towards the teacher-forced prediction, not towards the ground truth: the
+# student's input has drifted from the GT hierarchy, so the GT would be a contradictory target (why naive
+# student forcing fails, section 4.1). Paper vs official code (the defaults are what the official runs do):
 #   transitions 'last' (official): one transition per step, the last pair k = K-2 -> K-1 of the step's
 #       random list, context [class token, upsampled tokens]; 'all' (eq. 6/8): every scale at once;
 #   target 'teacher' (eq. 10, official): tokens drawn from pass 1; 'gt': Algorithm 1 line 24;
-#   sf_input 'cfg' (official trainer, whose flags the official train.py silently ignores): sampling with CFG 1.2
-#       (ramped), top-k 900, top-p 0.96; 'argmax': Algorithm 1; 'sample': no guidance.
+#   sf_input 'cfg' (the official trainer's defaults, which the official train.py never overrides): sampling
+#       with CFG 1.2 (ramped), top-k 900, top-p 0.96; 'argmax': Algorithm 1; 'sample': no guidance.
 
 def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
     """Draw one token per row of logits (..., V) from the top-k logits, then from the smallest set of tokens
-    that holds top_p of the probability mass (the most likely token always stays). top_k == 1 is greedy."""
+    holding top_p of the probability mass (the most likely token always stays). top_k == 1 is greedy."""
     V = logits.shape[-1]
     if top_k == 1:
         return logits.argmax(-1)
@@ -335,8 +313,8 @@ def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
 
 def ssr_draw(logits_BLV, uncond_BLV, scales, which, sf_input, top_k, top_p, sf_cfg, generator=None):
     """Eq. (5), first half: tokens {scale index: (B, pn^2)} from the teacher-forced predictions of the scales
-    `which`, without gradient. sf_input 'cfg' uses the official trainer's guidance t = cfg * (1 + i/(K-1)) / 2,
-    logits = (1+t) cond - t uncond (inference ramps t differently, see cfg_combine)."""
+    `which`, without gradient. With unconditional logits, the official trainer's guidance:
+    t = cfg * (1 + i/(K-1)) / 2, logits = (1+t) cond - t uncond (inference ramps t differently)."""
     K, be, drawn = len(scales), begin_ends(scales), {}
     for i in which:
         a, b = be[i]
@@ -358,10 +336,10 @@ def student_pass(model, vae, labels, drawn, scales, transitions):
         # One transition k -> k+1, k = K-2. The context is the class token (without pos_start) + the input,
         # i.e. the scale list [1, pn_{k+1}]; the coarser history is not in it (Algorithm 1, line 23).
         k, pn = K - 2, scales[K - 1]
-        u = upsample(vae.embed(drawn[k], scales[k]), pn).flatten(2).transpose(1, 2)    # (B, pn^2, Cv)
+        u = scale_shift(vae, drawn[k], scales[k], pn)                                  # (B, pn^2, Cv)
         return model(labels, u, [1, pn], first_pos=False)[:, 1:], [K - 1]
-    # 'all' (eq. 6/8): every scale's input built from the teacher prediction of the scale before, in one pass
-    # over the whole shifted sequence with the same block-causal mask.
+    # 'all' (eq. 6/8): every scale's input is built from the teacher prediction of the scale before, in
+    # one pass over the whole shifted sequence with the same block-causal mask.
     x_sf = tf_input(vae, [drawn[i] for i in range(K)], scales)
     return model(labels, x_sf, scales)[:, scales[0] ** 2:], list(range(1, K))
 
@@ -369,19 +347,19 @@ def sar_loss(model, gt_idx, x_in, labels, scales, gen=None, *, vae, num_classes,
              transitions='last', target='teacher', sf_input='cfg', top_k=900, top_p=0.96, sf_cfg=1.2):
     """Eq. (11): L_SAR = L_TF + gamma * L_CSF, with SSR's two passes. Returns (loss, info)."""
     loss_tf, info = tf_loss(model, gt_idx, x_in, labels, scales, gen, num_classes=num_classes,
-                            cond_drop=cond_drop)                                  # pass 1
+                            cond_drop=cond_drop)                                 # pass 1
     K = len(scales)
     which = [K - 2, K - 1] if transitions == 'last' else list(range(K))
-    guided = sf_input == 'cfg' and sf_cfg > 1          # the official code samples unguided at cfg <= 1
+    guided = sf_input == 'cfg' and sf_cfg > 1          # at cfg <= 1 the official code samples unguided
     with torch.no_grad():
         # The unconditional logits only serve to draw inputs: a no-grad pass, outside autograd (the official
-        # code runs them as half of a doubled batch inside the graph and pays for their backward).
+        # code runs them as half of a doubled batch inside the graph, and pays for their backward).
         uncond = model(torch.full_like(labels, num_classes), x_in, scales) if guided else None
         drawn = ssr_draw(info['logits'], uncond, scales, which, sf_input, top_k, top_p, sf_cfg, gen)
     lab_sf = drop_labels(labels, cond_drop, num_classes, gen)
-    sf_logits, sf_scales = student_pass(model, vae, lab_sf, drawn, scales, transitions)       # pass 2, eq. (6)
+    sf_logits, sf_scales = student_pass(model, vae, lab_sf, drawn, scales, transitions)   # pass 2, eq. (6)
     pool = drawn if target == 'teacher' else dict(enumerate(gt_idx))
-    csf_target = torch.cat([pool[i] for i in sf_scales], dim=1)      # f^(T) tokens (eq. 10) or the GT
+    csf_target = torch.cat([pool[i] for i in sf_scales], dim=1)      # the f^(T) tokens (eq. 10) or the GT
     loss_csf = token_ce(sf_logits, csf_target)                       # eq. (10)
     info.update(loss_csf=loss_csf.detach(), sf_acc=(sf_logits.argmax(-1) == csf_target).float().mean())
     return loss_tf + gamma * loss_csf, info                          # eq. (11)
@@ -389,14 +367,13 @@ def sar_loss(model, gt_idx, x_in, labels, scales, gen=None, *, vae, num_classes,
 # --------------------------------------------------------------------------------------------------------
 # 5. sampling: KV cache, classifier-free guidance
 # --------------------------------------------------------------------------------------------------------
-
 # The official sampler samples only at the side lengths the released models were trained on; elsewhere (and
 # above max_pn) it is greedy. Kept, so official checkpoints sample as they do in the official code.
 OFFICIAL_SAMPLING_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32)
 
 def cfg_combine(cond, uncond, si, K, cfg, form, pn, max_pn=16):
     """Classifier-free guidance at scale index si of K. 'var' (official default): t = cfg * si / min(K-1, 9)
-    (t = cfg beyond max_pn), logits = (1+t) c - t u: no guidance at the first scale, 1+cfg from the 10th on.
+    (t = cfg beyond max_pn), logits = (1+t) c - t u: none at the first scale, 1+cfg from the 10th on.
     'llamagen': the constant u + cfg * (c - u)."""
     if form == 'llamagen':
         return uncond + cfg * (cond - uncond)
@@ -405,16 +382,15 @@ def cfg_combine(cond, uncond, si, K, cfg, form, pn, max_pn=16):
 
 def next_scale_input(model, vae, idx, pn, nxt):
     """(B, nxt^2, C): the tokens of scale pn as the input of the next scale, exactly as in training."""
-    f = upsample(vae.embed(idx, pn), nxt).flatten(2).transpose(1, 2)               # (B, nxt^2, Cv)
-    return model.word_embed(f.float()) + model.pos_embed([nxt])
+    return model.word_embed(scale_shift(vae, idx, pn, nxt).float()) + model.pos_embed([nxt])
 
 @torch.no_grad()
-def generate_tokens(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator=None, cfg_form='var',
-                    max_pn=16):
-    """The autoregressive rollout, scale by scale with a KV cache: each step feeds only the new scale's tokens,
-    the keys/values of the coarser scales come from the cache (so no mask: a scale may see everything before
-    it, the block-causal rule). Conditional and unconditional rows run as one 2B batch; cfg=None runs the
-    conditional rows alone. Returns per-scale lists of tokens (B, pn^2) and of guided logits (B, pn^2, V)."""
+def generate_tokens(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator=None,
+                    cfg_form='var', max_pn=16):
+    """The autoregressive rollout, scale by scale with a KV cache: each step feeds only the new scale's
+    tokens, the keys/values of the coarser ones come from the cache (so no mask: a scale may see all that came
+    before it, the block-causal rule). The conditional and unconditional rows run as one 2B batch; cfg=None
+    runs the conditional rows alone. Returns per-scale lists of tokens (B, pn^2) and guided logits."""
     was_training = model.training
     model.eval()
     B, K = labels.shape[0], len(scales)
@@ -449,36 +425,24 @@ def sample(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator
 # --------------------------------------------------------------------------------------------------------
 # 6. the training loop: one code path for 1 process and torchrun DDP
 # --------------------------------------------------------------------------------------------------------
-
 def setup_distributed(device_name):
     """(rank, world, device). Under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
-    import torch.distributed as dist
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    device = pick_device(device_name)
-    if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)) if world > 1 else (device.index or 0))
+    if device_name == 'auto':
+        device_name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device = torch.device(device_name)
+    if device.type == 'cuda':  # under torchrun each process drives the GPU of its LOCAL_RANK
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']) if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
 
-def pick_device(name='auto'):
-    if name != 'auto':
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
-
 def autocast_ctx(device, dtype):
+    """--dtype: auto = bf16 autocast on CUDA, fp32 elsewhere."""
     if dtype == 'fp32' or (dtype == 'auto' and device.type != 'cuda'):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if dtype == 'fp16' else torch.bfloat16)
-
-def step_seed(seed, step, rank=0):
-    """All randomness of optimizer step `step` derives from (seed, step, rank): data order, crops, scale list,
-    flips, class dropout, drop-path, SF sampling. The step counter is the whole RNG state, so a resumed run
-    continues exactly. The scale list uses rank 0's seed on every rank, so all ranks stay in step."""
-    return ((seed * 1_000_003 + step) * 1_009 + rank) % (2 ** 62)
 
 def make_optimizer(model, lr, weight_decay):
     """AdamW (0.9, 0.95), fused; weight decay on matrices only, not on biases, positions or temperatures."""
@@ -490,7 +454,7 @@ def make_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
 
 def optimizer_step(model, opt, scaler, grad_clip):
-    """Clip and step; returns the gradient norm before clipping. With fp16 (official: GradScaler with init
+    """Clip and step; returns the gradient norm before clipping. With fp16 (official: a GradScaler with init
     scale 2^11, growth every 1000 steps) a step whose gradients overflowed is skipped by the scaler, which
     halves the scale; the scale is capped at 32768, the official cap (fp16 overflows at 65504)."""
     if scaler is not None:
@@ -506,69 +470,59 @@ def optimizer_step(model, opt, scaler, grad_clip):
     opt.zero_grad(set_to_none=True)
     return norm
 
-def step_batches(n, global_batch, micro, world, rank, accum, steps, seed):
-    """This rank's micro-batches for the steps `steps`, as lists of (image index, crop seed): the global batch
-    of step s is a slice of a seeded permutation of the data (one per epoch), and rank r takes micro-batches
-    m * world + r. Position-addressable, so a resumed run needs no sampler state."""
-    for step in steps:
-        epoch, pos = divmod(step, n // global_batch)
-        batch = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))[pos * global_batch:]
-        for m in range(accum):
-            j = (m * world + rank) * micro
-            yield [(i, step_seed(seed, step) + j + k) for k, i in enumerate(batch[j:j + micro].tolist())]
-
 def train(args, make_loss):
-    """Train and write <out-dir>/ckpt.pt. make_loss(args, vae) gives the step's loss, a function
+    """Train and write <out-dir>/ckpt.pt. make_loss(args, vae, num_classes) gives the step's loss, a function
     (model, gt_idx, x_in, labels, scales, gen) -> (loss, info): tf_loss or sar_loss with their settings."""
-    import torch.distributed as dist
-    from tqdm import tqdm
     rank, world, device = setup_distributed(args.device)
     master, ckpt_path = rank == 0, os.path.join(args.out_dir, 'ckpt.pt')
     if args.batch_size % (world * args.grad_accum):
-        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the number of processes "
-                        f"({world}) x --grad-accum ({args.grad_accum})")
+        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the number of "
+                        f"processes ({world}) x --grad-accum ({args.grad_accum})")
     micro = args.batch_size // (world * args.grad_accum)
-    ensure_writable(args.out_dir)
-    vae = load_vae(args.vae, device, args.trust_checkpoint)                        # frozen, eval mode
+    check_writable(ckpt_path, '--out-dir')
+    vae = load_tokenizer(args.vae, device, args.trust_checkpoint)                        # frozen, eval mode
     check_scales(args.scales, args.image_size // vae.downsample)
-    data = load_dataset(args.data, args.image_size, 'train', seed=args.data_seed, crop=args.crop)
+    # flips and crops are drawn per image from the seed step_batches gives it: the same on any number of ranks
+    data = load_dataset(args.data, args.image_size, 'train', args.flip, args.seed, args.crop)
     if len(data) < args.batch_size:
-        raise UserError(f"{args.data} has {len(data)} training images, fewer than one batch ({args.batch_size})")
+        raise UserError(f"{args.data} has {len(data)} training images, less than a batch ({args.batch_size})")
     torch.manual_seed(args.seed)
     model = build_model(args, vae, data.num_classes).to(device)
     loss_fn = make_loss(args, vae, model.num_classes)
     opt = make_optimizer(model, args.lr, args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000) \
-        if args.dtype == 'fp16' else None
+    fp16 = args.dtype == 'fp16'                                  # the official AMP: see optimizer_step
+    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000) if fp16 else None
     step = 0
-    if args.resume and os.path.isfile(ckpt_path):  # exact: weights, Adam state, scaler; the step is the RNG state
+    if args.resume and os.path.isfile(ckpt_path):  # exact: weights, Adam, scaler; the step is the RNG state
         ck = load_checkpoint(ckpt_path, args.trust_checkpoint)
         load_state_dict_strict(model, extract_state_dict(ck), ckpt_path)
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler']) if scaler and ck.get('scaler') else None
         step = ck['step']
     raw = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == 'cuda' else None)
+    if world > 1:  # DDP all-reduces the gradients during backward
+        model = torch.nn.parallel.DistributedDataParallel(raw, [device] if device.type == 'cuda' else None)
     fwd = torch.compile(model) if args.compile else model
     if master:
-        print(f"{args.mode}: depth {args.depth} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, V "
-              f"{raw.V}, {raw.num_classes} classes), {args.data} ({len(data)} images), {world} process(es) x "
-              f"{micro} x {args.grad_accum} accum = batch {args.batch_size}, {device}, from step {step}")
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(f"{args.mode}: depth {args.depth} ({n_params / 1e6:.2f}M params), {args.data} ({len(data)} images, "
+              f"{raw.num_classes} classes), {world} process(es) x {micro} x {args.grad_accum} accum = batch "
+              f"{args.batch_size}, {device}, from step {step}")
 
     def save(at_step):
         if master:
-            save_atomic(dict(model=raw.state_dict(), config=raw.config, optimizer=opt.state_dict(), step=at_step,
-                             scaler=scaler.state_dict() if scaler else None, tokenizer=os.path.abspath(args.vae),
-                             args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}),
-                        ckpt_path)
+            keep = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}
+            save_atomic(dict(model=raw.state_dict(), config=raw.config, optimizer=opt.state_dict(), args=keep,
+                             scaler=scaler.state_dict() if scaler else None, step=at_step,
+                             tokenizer=os.path.abspath(args.vae)), ckpt_path)
 
     batches = step_batches(len(data), args.batch_size, micro, world, rank, args.grad_accum,
-                           range(step, args.steps), args.data_seed)
+                           range(step, args.steps), args.seed)
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == 'cuda'))
+    os.makedirs(args.out_dir, exist_ok=True)        # only now: bad input above leaves no half-made folder
     log = open(os.path.join(args.out_dir, 'log.jsonl'), 'a') if master else None
-    bar = tqdm(total=args.steps, initial=step, disable=not master or args.quiet, desc=args.mode, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, disable=not master or args.quiet, desc=args.mode)
     raw.train()
     t0 = time.time()
     try:
@@ -576,23 +530,21 @@ def train(args, make_loss):
             lr = lr_at(step, args.steps, args.lr, args.warmup_steps, args.lr_end, args.lr_hold)
             for g in opt.param_groups:
                 g['lr'] = lr
+            # every random draw of the step (SF sampling, class dropout, drop-path, the scale list) derives from
+            # (seed, step, rank), like the data: the step counter is the whole RNG state, so resuming is exact
             gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, step, rank))
-            torch.manual_seed(step_seed(args.seed, step, rank))                  # drop-path
+            torch.manual_seed(step_seed(args.seed, step, rank))
             scales = random_scales(args.scales, random.Random(step_seed(args.seed, step))) \
                 if args.scale_schedule == 'random' else list(args.scales)
             totals = {}
             for m in range(args.grad_accum):
                 images, labels = (t.to(device, non_blocking=True) for t in next(loader))
-                if args.flip:
-                    flip = torch.rand(images.shape[0], generator=gen, device=device) < 0.5
-                    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
                 gt_idx, x_in = gt_tokens_and_inputs(vae, images, scales)
                 with nullcontext() if world == 1 or m == args.grad_accum - 1 else model.no_sync():
                     with autocast_ctx(device, args.dtype):
                         loss, info = loss_fn(fwd, gt_idx, x_in, labels, scales, gen)
                     (scaler.scale(loss / args.grad_accum) if scaler else loss / args.grad_accum).backward()
-                info['loss'] = loss.detach()
-                for k, v in info.items():  # the scalars of the step, averaged over micro-batches
+                for k, v in dict(info, loss=loss.detach()).items():   # the step's scalars, over micro-batches
                     if v.dim() == 0:
                         totals[k] = totals.get(k, 0.0) + v.float() / args.grad_accum
             grad_norm = optimizer_step(raw, opt, scaler, args.grad_clip)
@@ -600,44 +552,36 @@ def train(args, make_loss):
             if world > 1:
                 dist.all_reduce(stats)
                 stats /= world
-            # fp16: inf gradients are an overflow the scaler skipped, not a failure; anything else non-finite is
+            # fp16: inf gradients are an overflow the scaler skipped, not a failure; all else non-finite is
             if not torch.isfinite(stats[0]) or (not torch.isfinite(stats[1]) and scaler is None):
-                raise UserError(f"loss {stats[0].item()} / grad norm {stats[1].item()} at step {step}: stopped; the "
-                                f"last good checkpoint ({ckpt_path if os.path.isfile(ckpt_path) else 'none yet'}) is "
-                                f"untouched. Try a lower --lr, --dtype bf16/fp32 instead of fp16, or check the data")
+                last = ckpt_path if os.path.isfile(ckpt_path) else 'none yet'
+                raise UserError(f"loss {stats[0].item()} / grad norm {stats[1].item()} at step {step}: "
+                                f"stopped; the last good checkpoint ({last}) is untouched. Try a lower --lr, "
+                                f"--dtype bf16/fp32 instead of fp16, or check the data")
             step += 1
             bar.update(1)
             if master and (step % args.log_every == 0 or step == args.steps):
-                rec = dict({k: v.item() for k, v in totals.items()}, loss=stats[0].item(), step=step, lr=lr,
-                           grad_norm=stats[1].item(), scales=scales,
+                rec = dict({k: v.item() for k, v in totals.items()}, loss=stats[0].item(),
+                           step=step, lr=lr, grad_norm=stats[1].item(), scales=scales,
                            imgs_per_s=args.log_every * args.batch_size / (time.time() - t0))
                 rec.update(fp16_scale=scaler.get_scale()) if scaler else None
-                log.write(json.dumps(rec) + '\n')
-                log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.3f}")
-                if args.quiet or not sys.stderr.isatty():  # a log file gets lines, not a progress bar
-                    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()}),
-                          flush=True)
+                print(json.dumps(rec), file=log, flush=True)
+                tqdm.write(json.dumps({k: round(v, 5) if type(v) is float else v for k, v in rec.items()}))
                 t0 = time.time()
-            if step % args.ckpt_every == 0 or step == args.steps or step == args.stop_at:
+            if step % args.ckpt_every == 0 or step == args.steps:
                 save(step)
-            if step == args.stop_at:
-                break
-    except KeyboardInterrupt:  # Ctrl-C: keep the finished steps (the weights are those after `step` steps)
+    except KeyboardInterrupt:  # Ctrl-C keeps the finished steps: the weights are those after `step` steps
         save(step)
         raise KeyboardInterrupt(f"checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
     finally:
         bar.close()
         log.close() if log else None
-    if world > 1:
-        dist.barrier()
     print(f"done: {step} steps; checkpoint {ckpt_path}") if master else None
     return raw
 
 # --------------------------------------------------------------------------------------------------------
 # 7. checkpoint I/O and the sampling command
 # --------------------------------------------------------------------------------------------------------
-
 def extract_state_dict(ckpt):
     """Every layout in the wild: ours {'model': sd}, the official training output {'trainer': {'var_wo_ddp':
     sd}}, or a flat FlexVAR state_dict (the released FlexVARd*-epo*.pth)."""
@@ -645,47 +589,31 @@ def extract_state_dict(ckpt):
         ckpt = ckpt['trainer']['var_wo_ddp']
     sd = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
     sd = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}
-    sd.pop('attn_bias_for_masking', None)   # the official mask, built for whatever scale list came last: stale
+    sd.pop('attn_bias_for_masking', None)   # the official mask, built for whichever scale list came last
     return sd
 
 def config_from_state_dict(sd):
     """(depth, V, num_classes, Cv) from the tensor shapes, so a checkpoint describes itself."""
     if 'pos_start' not in sd or 'head.weight' not in sd:
-        raise UserError("this file is not a FlexVAR/SAR transformer checkpoint (no 'pos_start' / 'head.weight')")
+        raise UserError("not a FlexVAR/SAR transformer checkpoint (it has no 'pos_start' / 'head.weight')")
     return dict(depth=sd['pos_start'].shape[-1] // 64, vocab_size=sd['head.weight'].shape[0],
-                num_classes=sd['class_emb.weight'].shape[0] - 1, codebook_dim=sd['word_embed.weight'].shape[1])
+                num_classes=len(sd['class_emb.weight']) - 1, codebook_dim=sd['word_embed.weight'].shape[1])
 
 def build_model(args, vae, num_classes):
-    """A FlexVAR for the tokenizer's codebook: initialised as the official code does, or loaded from --init."""
+    """A FlexVAR for the tokenizer's codebook: initialised as the official code does, or from --init."""
     V, Cv = vae.codebook().shape
-    init_gamma = 1e-4 if args.depth >= 24 else 1e-3                                # the official --alng
-    model = FlexVAR(args.depth, V, num_classes, Cv, args.drop_path).init_weights(init_adaln_gamma=init_gamma)
+    gates = 1e-4 if args.depth >= 24 else 1e-3                           # the official --alng
+    model = FlexVAR(args.depth, V, num_classes, Cv, args.drop_path).init_weights(init_adaln_gamma=gates)
     if args.init:
         sd = extract_state_dict(load_checkpoint(args.init, args.trust_checkpoint))
-        have = config_from_state_dict(sd)
-        if have['depth'] != args.depth:
-            raise UserError(f"--init {args.init} holds a depth-{have['depth']} model but --depth is {args.depth}")
+        depth = config_from_state_dict(sd)['depth']
+        if depth != args.depth:
+            raise UserError(f"--init {args.init} holds a depth-{depth} model but --depth is {args.depth}")
         load_state_dict_strict(model, sd, f"--init {args.init}")
     return model
 
-def load_vae(path, device, trust=False):
-    """The frozen tokenizer; channels-last convolutions are faster on oneDNN (CPU) and cuDNN, same results."""
-    vae = load_tokenizer(path, device=device, trust=trust)
-    return vae.to(memory_format=torch.channels_last) if device.type in ('cpu', 'cuda') else vae
-
-def ensure_writable(out_dir):
-    """Create out_dir and prove it is writable before any work (not after an hour of training)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f'.write_test{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {out_dir}: {e.strerror}")
-    return out_dir
-
 def load_for_sampling(ckpt_path, vae_path, device, trust=False):
-    """A checkpoint (ours or official) and its tokenizer -> (model in eval mode, vae, our run's args or None)."""
+    """A checkpoint (ours or official) and its tokenizer -> (model in eval mode, vae, our run's args)."""
     ck = load_checkpoint(ckpt_path, trust)
     sd = extract_state_dict(ck)
     model = FlexVAR(**config_from_state_dict(sd))
@@ -694,83 +622,77 @@ def load_for_sampling(ckpt_path, vae_path, device, trust=False):
     vae_path = vae_path or (ck.get('tokenizer') if ours else None)
     if not vae_path:
         raise UserError(f"{ckpt_path} names no tokenizer: pass --vae (FlexVAE.pth for official checkpoints)")
-    vae = load_vae(vae_path, device, trust)
+    vae = load_tokenizer(vae_path, device, trust)
     if tuple(vae.codebook().shape) != (model.V, model.config['codebook_dim']):
-        raise UserError(f"tokenizer {vae_path} has a {tuple(vae.codebook().shape)} codebook; the model expects "
-                        f"({model.V}, {model.config['codebook_dim']})")
+        raise UserError(f"tokenizer {vae_path} has a {tuple(vae.codebook().shape)} codebook; the model "
+                        f"expects ({model.V}, {model.config['codebook_dim']})")
     return model.to(device).eval(), vae, ours
 
 @torch.no_grad()
 def run_sampling(args):
-    """--sample: --num-samples images per class -> samples.png (a row per class), trajectory.png, optional
+    """--sample: --num-samples images per class -> samples.png (a row per class), optional trajectory.png,
     per-image PNGs and an ADM-style .npz (arr_0 uint8 NHWC, labels). Batch b draws from a generator seeded by
-    (--seed, b), so the images do not depend on the number of processes; under torchrun rank r takes batches
-    r, r+world, ... and writes them into one shared memory-mapped array, so 50,000 images never sit in memory."""
-    import numpy as np
-    import torch.distributed as dist
-    from PIL import Image
-    from tqdm import tqdm
+    (--seed, b), so the images do not depend on the number of processes: under torchrun rank r takes batches
+    r, r+world, ... and writes them into one shared memory-mapped array: 50,000 images never sit in memory."""
     rank, world, device = setup_distributed(args.device)
     model, vae, ours = load_for_sampling(args.ckpt, args.vae, device, args.trust_checkpoint)
-    scales = args.sample_scales or (ours['scales'] if ours else list(OFFICIAL_SCALES))
-    cfg = args.cfg if args.cfg is not None else (1.5 if ours else {16: 2.2, 20: 2.6, 24: 3.3}.get(model.depth, 1.5))
+    scales = args.scales or (ours['scales'] if ours else list(OFFICIAL_SCALES))
+    cfg = 1.5 if ours else {16: 2.2, 20: 2.6, 24: 3.3}.get(model.depth, 1.5)   # the official eval settings
+    cfg = cfg if args.cfg is None else args.cfg
     classes = list(range(model.num_classes)) if args.classes == 'all' else args.classes
     if not set(classes) <= set(range(model.num_classes)):
-        raise UserError(f"--classes {args.classes} out of range: this model has classes 0..{model.num_classes - 1}")
-    out_dir = ensure_writable(args.out_dir or os.path.dirname(os.path.abspath(args.ckpt)))
+        raise UserError(f"--classes out of range: this model has classes 0..{model.num_classes - 1}")
+    out = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+    check_writable(os.path.join(out, 'samples.png'), '--out-dir')
     labels = torch.tensor([c for c in classes for _ in range(args.num_samples)])
     n, bs, side = len(labels), args.sample_batch, scales[-1] * vae.downsample
-    big = os.path.join(out_dir, '.samples.npy')    # every rank writes its batches at their place in it
-    if args.save_npz and rank == 0:
-        np.lib.format.open_memmap(big, mode='w+', dtype=np.uint8, shape=(n, side, side, 3)).flush()
+    path = os.path.join(out, '.samples.npy')
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        np.lib.format.open_memmap(path, 'w+', np.uint8, (n, side, side, 3)).flush()
     dist.barrier() if world > 1 else None
-    arr = np.load(big, mmap_mode='r+') if args.save_npz else None
-    grid, traj = [], None
+    arr = np.load(path, mmap_mode='r+')                                             # (n, H, W, 3) uint8
     for b in tqdm(range(rank, (n + bs - 1) // bs, world), disable=rank != 0 or args.quiet, desc='sampling'):
-        lab = labels[b * bs:(b + 1) * bs].to(device)
         gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, b))
         with autocast_ctx(device, args.dtype):
-            images, steps = sample(model, vae, lab, scales, cfg, args.top_k, args.top_p, gen, args.cfg_form,
-                                   trajectory=True)
-        u8 = to_uint8(images)
-        if b == 0:  # trajectory: rows = samples, columns = the image decoded after each scale (paper Fig. 7)
-            traj = torch.stack([F.interpolate(s.float(), size=(side, side), mode='nearest') for s in steps], 1)
-        if arr is not None:
-            arr[b * bs:b * bs + len(lab)] = u8
-        for i, (img, c) in enumerate(zip(u8, lab.tolist()) if args.save_png else []):
-            os.makedirs(os.path.join(out_dir, 'samples', str(c)), exist_ok=True)
-            Image.fromarray(img).save(os.path.join(out_dir, 'samples', str(c), f'{b * bs + i:06d}.png'))
-        grid.append(images.float().cpu())
+            images = sample(model, vae, labels[b * bs:(b + 1) * bs].to(device), scales, cfg, args.top_k,
+                            args.top_p, gen, args.cfg_form)
+        arr[b * bs:b * bs + len(images)] = to_uint8(images)
+    arr.flush()
     dist.barrier() if world > 1 else None
     if rank != 0:
         return
-    per_class = min(args.num_samples, 10)
-    if world == 1:  # up to 10 classes x 10 samples, one row per class
-        keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples < per_class]
-        save_image_grid(torch.cat(grid)[keep], os.path.join(out_dir, 'samples.png'), nrow=per_class)
-        print(f"wrote {os.path.join(out_dir, 'samples.png')}")
-    if args.trajectory and traj is not None:
-        save_image_grid(traj[:8].flatten(0, 1), os.path.join(out_dir, 'trajectory.png'), nrow=len(scales))
-        print(f"wrote {os.path.join(out_dir, 'trajectory.png')}")
-    if arr is not None:  # np.savez streams a memory-mapped array into the zip in 16 MiB chunks
-        arr.flush()
+    per_class = min(args.num_samples, 10)       # the grid: up to 10 classes x 10 samples, a row per class
+    keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples < per_class]
+    grid = torch.from_numpy(arr[keep]).permute(0, 3, 1, 2) / 127.5 - 1
+    save_image_grid(grid, os.path.join(out, 'samples.png'), nrow=per_class)
+    if args.trajectory:  # rows: samples; columns: the image decoded after each scale (paper Fig. 7)
+        gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, 0))
+        _, steps = sample(model, vae, labels[:8].to(device), scales, cfg, args.top_k, args.top_p, gen,
+                          args.cfg_form, trajectory=True)
+        traj = torch.stack([F.interpolate(s.float(), size=(side, side), mode='nearest') for s in steps], 1)
+        save_image_grid(traj.flatten(0, 1), os.path.join(out, 'trajectory.png'), nrow=len(scales))
+    for i, (img, c) in enumerate(zip(arr, labels.tolist()) if args.save_png else []):
+        os.makedirs(os.path.join(out, 'samples', str(c)), exist_ok=True)
+        Image.fromarray(img).save(os.path.join(out, 'samples', str(c), f'{i:06d}.png'))
+    if args.save_npz:  # np.savez streams the memory-mapped array into the zip in 16 MiB chunks
         with open(args.save_npz + '.tmp', 'wb') as f:
             np.savez(f, arr_0=arr, labels=labels.numpy())
         os.replace(args.save_npz + '.tmp', args.save_npz)
-        os.remove(big)
-        print(f"wrote {args.save_npz} ({n} images, {side}x{side})")
+    os.remove(path)
+    print(f"wrote {out}/samples.png" + (f", {args.save_npz} ({n} images, {side} px)" if args.save_npz else ''))
 
 # --------------------------------------------------------------------------------------------------------
 # 8. the command line
 # --------------------------------------------------------------------------------------------------------
-
 # The official runs, from the official scripts: base LR tblr * batch / 256 on the 'lin0' schedule over `ep`
 # epochs (2 % warm-up, hold 5 %, linear to wpe * peak); SAR post-training re-enters it after epoch `start`.
-OFFICIAL_RECIPES = {16: dict(tblr=1e-4, wpe=0.1, ep=190, start=179), 20: dict(tblr=1e-4, wpe=0.1, ep=260, start=249),
+OFFICIAL_RECIPES = {16: dict(tblr=1e-4, wpe=0.1, ep=190, start=179),
+                    20: dict(tblr=1e-4, wpe=0.1, ep=260, start=249),
                     24: dict(tblr=8e-5, wpe=0.01, ep=360, start=349)}
 
 def official_lr(depth, mode, batch):
-    """(peak, end fraction, hold fraction) of the official run at this depth (nearest row of OFFICIAL_RECIPES).
+    """(peak, end fraction, hold fraction) of the official run at this depth (the nearest recipe).
     Pretraining runs the whole lin0 schedule; SAR continues it from epoch `start` to `ep`, where lin0 is
     linear, so its LR decays linearly from the schedule's value at `start` to wpe * peak."""
     r = OFFICIAL_RECIPES[min(OFFICIAL_RECIPES, key=lambda d: abs(d - depth))]
@@ -781,30 +703,25 @@ def official_lr(depth, mode, batch):
     return peak * at_start, r['wpe'] / at_start, 0.0
 
 def get_parser():
-    p = argparse.ArgumentParser(description="SAR: teacher-forcing pretraining (--mode tf) and SAR post-training "
-                                "(--mode sar) of FlexVAR; --sample generates. Defaults: the laptop configuration "
-                                "below depth 12, the official recipe at depth 16/20/24.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="SAR: "
+                                "teacher-forcing pretraining (--mode tf) and SAR post-training (--mode sar) of "
+                                "FlexVAR; --sample generates. Defaults: the laptop configuration below depth 12, "
+                                "the official recipe at depth 16/20/24.")
     a = p.add_argument
     a('--mode', choices=['tf', 'sar'], default='tf', help="tf: eq. 2; sar: L_TF + gamma * L_CSF, eq. 11")
     a('--sample', action='store_true', help="generate images from --ckpt instead of training")
-    a('--depth', type=int, default=4, help="transformer depth: width 64*depth, heads = depth (official 16/20/24)")
+    a('--depth', type=int, default=4, help="transformer depth: width 64*depth, heads = depth")
     a('--data', default='toy', help="'toy', an ImageFolder dir, an .npz (images, labels) or an MNIST IDX dir")
-    a('--vae', default=None, help="tokenizer: ours (tokenizer.py) or FlexVAE.pth (default when training: "
-      "out/tokenizer.pt; when sampling: the one the checkpoint names)")
-    a('--image-size', type=int, default=None, help="training resolution (default 32; at depth >= 12 512, the "
-      "official code's: a 32x32 latent from which every scale is pooled; 256 is the paper's)")
-    a('--crop', choices=['center', 'random'], default=None, help="random: the official random crop with "
-      "0.88-1 scale jitter (default at depth >= 12); center: resize + centre crop (default below)")
-    a('--scales', default=None, help="scale list, finest last (default 1,2,3,4,5,6,8; at depth >= 12 1,2,...,13,16)")
-    a('--scale-schedule', choices=['random', 'fixed'], default='random', help="random: FlexVAR's list per step")
+    a('--vae', help="the tokenizer (training: out/tokenizer.pt; sampling: the checkpoint's)")
+    a('--image-size', type=int, help="resolution (32; depth >= 12: 512, official; the paper's is 256)")
+    a('--crop', choices=['center', 'random'], help="random: official (default at depth >= 12), 0.88-1 jitter")
+    a('--scales', help="scale list (1,2,3,4,5,6,8; depth >= 12: 1,...,10,13,16; sampling: the checkpoint's)")
+    a('--scale-schedule', choices=['random', 'fixed'], default='random', help="random: official, per step")
     a('--init', default='', help="initial weights: an official FlexVAR/SAR checkpoint or one of ours")
-    a('--trust-checkpoint', action='store_true', help="allow checkpoints that need full unpickling (trusted files)")
-    a('--sf-transitions', choices=['last', 'all'], default='last', help="last: official, one SF transition per "
-      "step; all: eq. 6/8, every scale")
-    a('--csf-target', choices=['teacher', 'gt'], default='teacher', help="teacher: eq. 10; gt: Algorithm 1 line 24")
-    a('--sf-input', choices=['argmax', 'sample', 'cfg'], default='cfg', help="how pass-1 predictions become SF "
-      "inputs: cfg = sampling with CFG (official trainer), argmax (Algorithm 1), sample (no CFG)")
+    a('--trust-checkpoint', action='store_true', help="allow checkpoints that need full unpickling")
+    a('--sf-transitions', choices=['last', 'all'], default='last', help="last: official; all: eq. 6/8")
+    a('--csf-target', choices=['teacher', 'gt'], default='teacher', help="teacher: eq. 10; gt: Algorithm 1")
+    a('--sf-input', choices=['argmax', 'sample', 'cfg'], default='cfg', help="how pass 1 becomes SF inputs")
     a('--sf-top-k', type=int, default=900, help="top-k of SF sampling (official 900)")
     a('--sf-top-p', type=float, default=0.96, help="top-p of SF sampling (official trainer 0.96)")
     a('--sf-cfg', type=float, default=1.2, help="CFG of SF sampling, ramped (official 1.2; <= 1: unguided)")
@@ -812,59 +729,56 @@ def get_parser():
     a('--steps', type=int, default=1200, help="optimizer steps")
     a('--batch-size', type=int, default=32, help="global batch (split over processes and --grad-accum)")
     a('--grad-accum', type=int, default=1, help="micro-steps per optimizer step")
-    a('--lr', type=float, default=None, help="peak LR (default below depth 12: 1e-3 tf, 3e-4 sar; at 16/20/24 the "
-      "official runs' LR for this --batch-size from OFFICIAL_RECIPES, e.g. sar d16 batch 768: 4.68e-5 -> 3e-5)")
-    a('--lr-end', type=float, default=None, help="final LR / peak (tf 0.1; sar: the official decay, 1 below depth 12)")
-    a('--warmup-steps', type=int, default=None, help="linear warm-up steps (tf: 2%% of --steps; sar: 0)")
+    a('--lr', type=float, help="peak LR (1e-3 tf, 3e-4 sar; depth >= 12: from OFFICIAL_RECIPES)")
+    a('--lr-end', type=float, help="final LR / peak (tf 0.1; sar 1; depth >= 12: official)")
+    a('--warmup-steps', type=int, help="linear warm-up steps (tf: 2%% of --steps; sar: 0)")
     a('--weight-decay', type=float, default=0.05, help="AdamW weight decay on matrices")
     a('--grad-clip', type=float, default=2.0, help="gradient-norm clipping")
     a('--cond-drop', type=float, default=0.1, help="class dropout (trains the unconditional model for CFG)")
-    a('--drop-path', type=float, default=None, help="max stochastic-depth rate (default 0.1*depth/24)")
+    a('--drop-path', type=float, help="max stochastic-depth rate (default 0.1*depth/24)")
     a('--flip', action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
-    a('--dtype', choices=['auto', 'bf16', 'fp16', 'fp32'], default='auto', help="auto: bf16 on CUDA, else fp32; "
-      "fp16: the official AMP with a GradScaler")
+    a('--dtype', choices=['auto', 'bf16', 'fp16', 'fp32'], default='auto', help="auto: bf16 on CUDA, or fp32")
     a('--compile', action='store_true', help="torch.compile the model")
     a('--out-dir', default='', help="output folder (default out/<mode>; sampling: the checkpoint's)")
     a('--resume', action='store_true', help="continue from <out-dir>/ckpt.pt if it exists")
-    a('--stop-at', type=int, default=0, help="stop after this step as if interrupted (--resume continues)")
-    a('--ckpt-every', type=int, default=200, help="write the checkpoint (atomically) every N steps and at the end")
+    a('--ckpt-every', type=int, default=200, help="write the checkpoint every N steps and at the end")
     a('--log-every', type=int, default=50, help="log every N steps (stdout + <out-dir>/log.jsonl)")
-    a('--seed', type=int, default=0, help="seed of everything random in training and sampling")
-    a('--data-seed', type=int, default=0, help="seed of the data order and of the toy data")
+    a('--seed', type=int, default=0, help="seed of everything random: data order, training, sampling")
     a('--device', default='auto', help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     a('--workers', type=int, default=1, help="DataLoader worker processes")
     a('--quiet', action='store_true', help="no progress bar; log lines only")
     a('--ckpt', default='', help="--sample: the checkpoint (ours, or an official one with --vae)")
-    a('--cfg', type=float, default=None, help="--sample: guidance (default 1.5; official d16/d20/d24: 2.2/2.6/3.3)")
+    a('--cfg', type=float, help="--sample: guidance (1.5; official d16/d20/d24: 2.2/2.6/3.3)")
     a('--cfg-form', choices=['var', 'llamagen'], default='var', help="var: official ramp; llamagen: constant")
     a('--top-k', type=int, default=900, help="--sample: top-k (official 900)")
     a('--top-p', type=float, default=0.95, help="--sample: top-p (official 0.95)")
     a('--classes', default='all', help="--sample: 'all' or comma-separated class ids")
     a('--num-samples', type=int, default=8, help="--sample: images per class")
     a('--sample-batch', type=int, default=64, help="--sample: images per forward batch")
-    a('--sample-scales', default=None, help="--sample: scale list (default: the training list)")
-    a('--save-npz', default='', help="--sample: also write all images to this .npz (arr_0 uint8 NHWC, labels)")
-    a('--save-png', action='store_true', help="--sample: also write one PNG per image under <out-dir>/samples/")
-    a('--trajectory', action='store_true', help="--sample: also the image decoded after every scale (Fig. 7)")
+    a('--save-npz', default='', help="--sample: also write all images to this .npz (arr_0, labels)")
+    a('--save-png', action='store_true', help="--sample: also one PNG per image in <out-dir>/samples/")
+    a('--trajectory', action='store_true', help="--sample: also the image after every scale (Fig. 7)")
     return p
 
 def resolve_args(args):
-    """Fill the size- and mode-dependent defaults (documented in --help); refuse bad values before any work."""
+    """Fill the size- and mode-dependent defaults (see --help); refuse bad values before any work."""
     official = args.depth >= 12
-    args.scales = parse_scales(args.scales or ','.join(map(str, OFFICIAL_SCALES if official else LAPTOP_SCALES)))
-    args.sample_scales = args.sample_scales and parse_scales(args.sample_scales, '--sample-scales')
-    args.image_size, args.crop = args.image_size or (512 if official else 32), args.crop or ('center', 'random')[official]
+    if args.scales or not args.sample:  # sampling defaults to the checkpoint's list
+        args.scales = parse_scales(args.scales or ','.join(map(str, (LAPTOP_SCALES, OFFICIAL_SCALES)[official])))
+    args.image_size = args.image_size or (512 if official else 32)
+    args.crop = args.crop or ('random' if official else 'center')
     args.vae = args.vae or (None if args.sample else os.path.join('out', 'tokenizer.pt'))
     args.out_dir = args.out_dir or ('' if args.sample else os.path.join('out', args.mode))
     peak, end, args.lr_hold = official_lr(args.depth, args.mode, args.batch_size) if official else \
         ((1e-3, 0.1, 0.05) if args.mode == 'tf' else (3e-4, 1.0, 0.0))
-    args.lr, args.lr_end = args.lr if args.lr is not None else peak, args.lr_end if args.lr_end is not None else end
+    args.lr = peak if args.lr is None else args.lr
+    args.lr_end = end if args.lr_end is None else args.lr_end
     if args.warmup_steps is None:
         args.warmup_steps = args.steps // 50 if args.mode == 'tf' else 0
     ok = dict(depth=args.depth >= 1, steps=args.steps >= 1, batch_size=args.batch_size >= 1, lr=args.lr > 0,
               grad_accum=args.grad_accum >= 1, lr_end=args.lr_end >= 0, warmup_steps=args.warmup_steps >= 0,
               gamma=args.gamma >= 0, cond_drop=0 <= args.cond_drop < 1, num_samples=args.num_samples >= 1,
-              sample_batch=args.sample_batch >= 1, cfg=args.cfg is None or args.cfg >= 0, top_k=args.top_k >= 0,
+              sample_batch=args.sample_batch >= 1, cfg=(args.cfg or 0) >= 0, top_k=args.top_k >= 0,
               top_p=0 <= args.top_p <= 1, sf_top_k=args.sf_top_k >= 0, sf_top_p=0 <= args.sf_top_p <= 1,
               grad_clip=args.grad_clip > 0, workers=args.workers >= 0, log_every=args.log_every >= 1,
               ckpt_every=args.ckpt_every >= 1, image_size=args.image_size >= 1)
@@ -875,7 +789,7 @@ def resolve_args(args):
         try:
             args.classes = [int(c) for c in args.classes.split(',')]
         except ValueError:
-            raise UserError(f"--classes must be 'all' or comma-separated class ids, got {args.classes!r}") from None
+            raise UserError(f"--classes takes 'all' or comma-separated ids, not {args.classes!r}") from None
     if args.sample and not args.ckpt:
         raise UserError("--sample needs --ckpt CKPT (e.g. out/sar/ckpt.pt)")
     return args
@@ -886,22 +800,23 @@ def loss_for(args, vae, num_classes):
         return functools.partial(tf_loss, num_classes=num_classes, cond_drop=args.cond_drop)
     return functools.partial(sar_loss, vae=vae, num_classes=num_classes, cond_drop=args.cond_drop,
                              gamma=args.gamma, transitions=args.sf_transitions, target=args.csf_target,
-                             sf_input=args.sf_input, top_k=args.sf_top_k, top_p=args.sf_top_p, sf_cfg=args.sf_cfg)
+                             sf_input=args.sf_input, top_k=args.sf_top_k, top_p=args.sf_top_p,
+                             sf_cfg=args.sf_cfg)
 
 def main(argv=None, make_loss=loss_for):
-    """The command line; one line `error: ...` for bad input. experiments/ train their own losses via make_loss."""
+    """The command line: one line `error: ...` for bad input. The experiments train their own losses through
+    make_loss (see experiments/naive_sf.py)."""
     try:
         args = resolve_args(get_parser().parse_args(argv))
         run_sampling(args) if args.sample else train(args, make_loss)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
     finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 if __name__ == '__main__':

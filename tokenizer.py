@@ -297,7 +297,9 @@ def load_tokenizer(path, device='cpu', trust=False):
         raise UserError(f"{path}: its tokenizer config {config} does not fit VQVAE ({e})") from None
     what = f"tokenizer {path}" + ("" if config else " (no 'config' in it: read as the official FlexVAE)")
     load_state_dict_strict(model, sd, what)
-    model.to(device).eval().requires_grad_(False)
+    # channels-last convolutions: oneDNN (CPU) and cuDNN run them faster, with the same results
+    fmt = torch.channels_last if torch.device(device).type in ('cpu', 'cuda') else torch.preserve_format
+    model.to(device, memory_format=fmt).eval().requires_grad_(False)
     for k in ('image_size', 'scales'):
         if k in ckpt:
             setattr(model, k, ckpt[k])
@@ -407,32 +409,15 @@ def save_recon_png(model, ds, scales, path, n=8):
     save_image_grid(torch.cat(rows).cpu(), path, nrow=len(x))
 
 
-class TrainBatches(torch.utils.data.Sampler):
-    """Endless batches of (index, item seed) pairs, read as ds[(i, seed)] (see ImageDataset): epoch e is a
-    permutation drawn from (seed, start step, e), and every item gets its own seed for its random crop / flip,
-    whatever worker process reads it. Deterministic for a given start step, so a resumed run is reproducible
-    too (though not batch-identical to an uninterrupted one)."""
-
-    def __init__(self, n, batch_size, seed, start_step):
-        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start_step
-
-    def __iter__(self):
-        for epoch in itertools.count():
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.start * 7919 + epoch) % 2 ** 63)
-            perm = torch.randperm(self.n, generator=g).tolist()
-            seeds = torch.randint(2 ** 62, (self.n,), generator=g).tolist()
-            for b in range(self.n // self.batch_size):  # drop_last: every batch is full
-                yield [(perm[k], seeds[k]) for k in range(b * self.batch_size, (b + 1) * self.batch_size)]
-
-
 def train_batches(ds, args, start_step):
     """Iterator over training batches (images, labels) from start_step on; one DataLoader for the whole run,
     so worker processes start once."""
     workers = args.workers
     if workers < 0:
         workers = 0 if not isinstance(ds, ImageFolder) else min(4, max(0, (os.cpu_count() or 1) - 1))
-    sampler = TrainBatches(len(ds), args.batch_size, args.seed, start_step)
-    return iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers))
+    batches = step_batches(len(ds), args.batch_size, args.batch_size, 1, 0, 1, itertools.count(start_step),
+                           args.seed)     # endless: the k-means start draws a few batches of its own
+    return iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers))
 
 
 def train(args):
@@ -1033,6 +1018,27 @@ class UserError(Exception):
     """Bad input from the user or bad data: missing or unreadable files, invalid flags, datasets we cannot
     use. The message says what to do; every script's main() prints it as one line `error: ...` (exit status
     2)."""
+
+
+def step_seed(seed, step, rank=0):
+    """All randomness of training step `step` derives from (seed, step, rank): data order, crops and flips,
+    and in sar.py the scale list, class dropout, drop-path and SF sampling. The step counter is then the whole
+    RNG state, so a resumed run continues exactly."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % (2 ** 62)
+
+
+def step_batches(n, global_batch, micro, world, rank, accum, steps, seed):
+    """The batch sampler of both training loops: this rank's micro-batches for the steps `steps`, as lists of
+    (image index, item seed) read as ds[(i, seed)]. The global batch of step s is a slice of a seeded
+    permutation of the data (one per epoch), and rank r takes micro-batches m * world + r; the item seed (its
+    crop and flip) depends on the step and the position in the global batch only, so the images are the
+    same for any number of processes. Position-addressable: a resumed run needs no sampler state."""
+    for step in steps:
+        epoch, pos = divmod(step, n // global_batch)
+        batch = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))[pos * global_batch:]
+        for m in range(accum):
+            j = (m * world + rank) * micro
+            yield [(i, step_seed(~seed, step) + j + k) for k, i in enumerate(batch[j:j + micro].tolist())]
 
 
 def error_line(e):

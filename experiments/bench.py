@@ -52,9 +52,9 @@ def timed(fn, sync, reps):
 
 
 def bench(args):
-    device = sar.pick_device(args.device)
+    device = sar.setup_distributed(args.device)[2]
     torch.manual_seed(args.seed)
-    vae = sar.load_vae(args.vae, device, args.trust_checkpoint) if args.vae else \
+    vae = sar.load_tokenizer(args.vae, device, args.trust_checkpoint) if args.vae else \
         VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
     V, Cv = vae.codebook().shape
     model = sar.FlexVAR(args.depth, V, 1000, Cv).init_weights().to(device).train()

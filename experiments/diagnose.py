@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sar  # noqa: E402
-from tokenizer import UserError, atomic_write, load_dataset  # noqa: E402
+from tokenizer import UserError, atomic_write, check_writable, load_dataset  # noqa: E402
 
 
 @torch.no_grad()
@@ -43,12 +43,13 @@ def exposure_bias(model, vae, gt_idx, labels, scales, input_idx):
 
 
 def diagnose(args):
-    device = sar.pick_device(args.device)
+    device = sar.setup_distributed(args.device)[2]
     model, vae, ours = sar.load_for_sampling(args.ckpt, args.vae, device, args.trust_checkpoint)
-    scales = args.sample_scales or (ours['scales'] if ours else list(sar.OFFICIAL_SCALES))
+    scales = args.scales or (ours['scales'] if ours else list(sar.OFFICIAL_SCALES))
     cfg = 1.5 if args.cfg is None else args.cfg
-    out_dir = sar.ensure_writable(args.out_dir or os.path.dirname(os.path.abspath(args.ckpt)))
-    data = load_dataset(args.data, scales[-1] * vae.downsample, 'val', seed=args.data_seed)
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+    check_writable(os.path.join(out_dir, 'diagnose.json'), '--out-dir')
+    data = load_dataset(args.data, scales[-1] * vae.downsample, 'val')
     n, K = min(args.images, len(data)), len(scales)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), batch_size=args.sample_batch)
     sums = {kind: {pn: [0.0, 0.0] for pn in scales} for kind in ('teacher', 'ssr', 'rollout')}

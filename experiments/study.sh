@@ -64,7 +64,7 @@ study_dataset() {   # one dataset, start to end; resumable (finished runs are sk
       stamp "$ds: $v, seed $seed ($STEPS steps from P)"
       mkdir -p "$r"
       $PY ${FLAGS[$v]} $COMMON --init "$d/P/ckpt.pt" --steps "$STEPS" --lr 3e-4 --lr-end 1 --warmup-steps 0 \
-        --seed "$seed" --data-seed "$seed" --out-dir "$r" --resume > "$r/run.log" 2>&1
+        --seed "$seed" --out-dir "$r" --resume > "$r/run.log" 2>&1
       $PY sar.py --sample --ckpt "$r/ckpt.pt" --num-samples "$NUM_SAMPLES" --cfg 1.5 --seed 0 --save-npz "$r/samples.npz" \
         --out-dir "$r" --quiet >> "$r/run.log" 2>&1
       $PY experiments/diagnose.py --ckpt "$r/ckpt.pt" --data "$data" --images "$DIAG" --cfg 1.5 --seed 0 --quiet >> "$r/run.log" 2>&1
