@@ -11,15 +11,11 @@ FlexVAR / SAR checkpoints; the multi-scale VQ tokenizer lives in tokenizer.py.
     python sar.py --sample --ckpt out/sar/ckpt.pt             # -> out/sar/samples.png, a row per class
     torchrun --standalone --nproc_per_node 8 sar.py --mode sar --depth 16 --data /imagenet/train ...
 
-Read top to bottom, the file follows the method:
-  1. attention and the AdaLN block
-  2. the scale-wise transformer and its block-causal scale mask (eq. 1)
-  3. teacher forcing: the scale-shift input and its loss (eq. 2, 4, 9)
-  4. SAR: Stagger-Scale Rollout (eq. 5-6) and the Contrastive Student-Forcing Loss (eq. 10-11)
-  5. sampling: KV cache, classifier-free guidance
-  6. the training loop (1 process or torchrun DDP, AMP, exact resume)
-  7. checkpoint I/O and the sampling command
-  8. the command line
+Read top to bottom, the file follows the method: 1. attention and the AdaLN block; 2. the scale-wise
+transformer and its block-causal mask (eq. 1); 3. teacher forcing, the scale-shift input and its loss (eq. 2,
+4, 9); 4. SAR: Stagger-Scale Rollout (eq. 5-6) and the Contrastive Student-Forcing Loss (eq. 10-11);
+5. sampling (KV cache, classifier-free guidance); 6. the training loop (1 process or torchrun DDP, AMP, exact
+resume); 7. checkpoint I/O and the sampling command; 8. the command line.
 Shapes: B batch, L tokens of a whole scale list, C model width, H heads, V codebook size, Cv codebook dim.
 A scale list holds side lengths pn_0 < pn_1 < ...; scale i is a pn_i x pn_i token map, flattened row-major.
 """
@@ -33,12 +29,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from tqdm import tqdm
 
-from tokenizer import (UserError, check_scales, check_writable, error_line, load_checkpoint, load_dataset,
-                       load_state_dict_strict, load_tokenizer, lr_at, parse_scales, save_atomic, save_image_grid,
-                       step_batches, step_seed, to_uint8)
+from tokenizer import (UserError, atomic_write, check_scales, check_writable, error_line, load_checkpoint,
+                       load_dataset, load_state_dict_strict, load_tokenizer, lr_at, parse_scales, save_atomic,
+                       save_image_grid, step_batches, step_seed, to_uint8)
 
 OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680 tokens)
 LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop configuration (8x8 latent, L = 155)
@@ -54,7 +51,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads = heads
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -64,13 +61,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, attn_mask, cache=None):
         B, L, C = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                          # each (B, H, L, 64)
+        qkv = F.linear(x, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        q, k, v = qkv.view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)    # each (B, H, L, 64)
         q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
         k = F.normalize(k, dim=-1)
-        if cache is not None:
-            # sampling: the keys/values of the coarser scales are kept, the new scale attends to all of them
+        if cache is not None:  # sampling: keys/values of the coarser scales are kept, the new scale sees all
             if 'k' in cache:
                 k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
             cache['k'], cache['v'] = k, v
@@ -160,11 +155,8 @@ class FlexVAR(nn.Module):
     def embed(self, label_B, x_BLCv, scales, first_pos=True):
         """(B, L, C) token embeddings [class token(s)] + word_embed(inputs), plus positions; and cond_BC.
         first_pos=False leaves pos_start off the class token, as the official student-forcing pass does."""
-        B, first_l = label_B.shape[0], scales[0] ** 2
-        cond_BC = self.class_emb(label_B)
-        sos = cond_BC[:, None, :].expand(B, first_l, -1)
-        if first_pos:
-            sos = sos + self.pos_start.expand(B, first_l, -1)
+        cond_BC = self.class_emb(label_B)                                                # (B, C)
+        sos = cond_BC[:, None, :].expand(-1, scales[0] ** 2, -1) + (self.pos_start if first_pos else 0)
         x = torch.cat((sos, self.word_embed(x_BLCv.float())), dim=1) if x_BLCv is not None else sos
         return x + self.pos_embed(scales), cond_BC
 
@@ -189,8 +181,7 @@ class FlexVAR(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, 'bias', None) is not None:
-                    m.bias.zero_()
+                nn.init.zeros_(m.bias) if getattr(m, 'bias', None) is not None else None
         nn.init.trunc_normal_(self.pos_start, std=std)
         self.pos_1LC.copy_(sincos_grid(self.C))
         self.head.weight.mul_(init_head)
@@ -239,8 +230,6 @@ def gt_tokens_and_inputs(vae, images, scales):
 
 def drop_labels(labels, p, num_classes, generator=None):
     """Class dropout: with probability p a sample becomes unconditional, which trains the model CFG uses."""
-    if p <= 0:
-        return labels
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, num_classes), labels)
 
@@ -313,19 +302,16 @@ def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
 
 def ssr_draw(logits_BLV, uncond_BLV, scales, which, sf_input, top_k, top_p, sf_cfg, generator=None):
     """Eq. (5), first half: tokens {scale index: (B, pn^2)} from the teacher-forced predictions of the scales
-    `which`, without gradient. With unconditional logits, the official trainer's guidance:
+    `which`, without gradient (argmax = top-1). With unconditional logits, the official trainer's guidance:
     t = cfg * (1 + i/(K-1)) / 2, logits = (1+t) cond - t uncond (inference ramps t differently)."""
     K, be, drawn = len(scales), begin_ends(scales), {}
     for i in which:
         a, b = be[i]
-        lg = logits_BLV[:, a:b]
-        if sf_input == 'argmax':
-            drawn[i] = lg.argmax(-1)
-            continue
+        lg = logits_BLV[:, a:b]                                                       # (B, pn^2, V)
         if uncond_BLV is not None:
             t = sf_cfg * 0.5 * (1 + i / (K - 1))
             lg = (1 + t) * lg - t * uncond_BLV[:, a:b]
-        drawn[i] = sample_top_k_top_p(lg, top_k, top_p, generator)
+        drawn[i] = sample_top_k_top_p(lg, 1 if sf_input == 'argmax' else top_k, top_p, generator)
     return drawn
 
 def student_pass(model, vae, labels, drawn, scales, transitions):
@@ -390,9 +376,8 @@ def generate_tokens(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, 
     """The autoregressive rollout, scale by scale with a KV cache: each step feeds only the new scale's
     tokens, the keys/values of the coarser ones come from the cache (so no mask: a scale may see all that came
     before it, the block-causal rule). The conditional and unconditional rows run as one 2B batch; cfg=None
-    runs the conditional rows alone. Returns per-scale lists of tokens (B, pn^2) and guided logits."""
-    was_training = model.training
-    model.eval()
+    runs the conditional rows alone. The model must be in eval mode (no drop-path). Returns per-scale lists
+    of tokens (B, pn^2) and of guided logits (B, pn^2, V)."""
     B, K = labels.shape[0], len(scales)
     rows = labels if cfg is None else torch.cat((labels, torch.full_like(labels, model.num_classes)))
     cond_BC = model.class_emb(rows)                                                # (R, C), R = B or 2B
@@ -410,7 +395,6 @@ def generate_tokens(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, 
         all_logits.append(logits)
         if si + 1 < K:
             x = next_scale_input(model, vae, all_idx[-1], pn, scales[si + 1]).repeat(len(rows) // B, 1, 1)
-    model.train(was_training)
     return all_idx, all_logits
 
 @torch.no_grad()
@@ -428,9 +412,8 @@ def sample(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator
 def setup_distributed(device_name):
     """(rank, world, device). Under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    if device_name == 'auto':
-        device_name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    device = torch.device(device_name)
+    auto = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(auto if device_name == 'auto' else device_name)
     if device.type == 'cuda':  # under torchrun each process drives the GPU of its LOCAL_RANK
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']) if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
@@ -457,8 +440,7 @@ def optimizer_step(model, opt, scaler, grad_clip):
     """Clip and step; returns the gradient norm before clipping. With fp16 (official: a GradScaler with init
     scale 2^11, growth every 1000 steps) a step whose gradients overflowed is skipped by the scaler, which
     halves the scale; the scale is capped at 32768, the official cap (fp16 overflows at 65504)."""
-    if scaler is not None:
-        scaler.unscale_(opt)
+    scaler.unscale_(opt) if scaler else None                 # clip the true gradients
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if scaler is not None:
         scaler.step(opt)
@@ -476,8 +458,8 @@ def train(args, make_loss):
     rank, world, device = setup_distributed(args.device)
     master, ckpt_path = rank == 0, os.path.join(args.out_dir, 'ckpt.pt')
     if args.batch_size % (world * args.grad_accum):
-        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the number of "
-                        f"processes ({world}) x --grad-accum ({args.grad_accum})")
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by {world} process(es) x "
+                        f"--grad-accum {args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
     check_writable(ckpt_path, '--out-dir')
     vae = load_tokenizer(args.vae, device, args.trust_checkpoint)                        # frozen, eval mode
@@ -487,34 +469,30 @@ def train(args, make_loss):
     if len(data) < args.batch_size:
         raise UserError(f"{args.data} has {len(data)} training images, less than a batch ({args.batch_size})")
     torch.manual_seed(args.seed)
-    model = build_model(args, vae, data.num_classes).to(device)
-    loss_fn = make_loss(args, vae, model.num_classes)
-    opt = make_optimizer(model, args.lr, args.weight_decay)
+    raw = build_model(args, vae, data.num_classes).to(device)
+    loss_fn = make_loss(args, vae, raw.num_classes)
+    opt = make_optimizer(raw, args.lr, args.weight_decay)
     fp16 = args.dtype == 'fp16'                                  # the official AMP: see optimizer_step
     scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000) if fp16 else None
     step = 0
     if args.resume and os.path.isfile(ckpt_path):  # exact: weights, Adam, scaler; the step is the RNG state
         ck = load_checkpoint(ckpt_path, args.trust_checkpoint)
-        load_state_dict_strict(model, extract_state_dict(ck), ckpt_path)
+        load_state_dict_strict(raw, extract_state_dict(ck), ckpt_path)
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler']) if scaler and ck.get('scaler') else None
         step = ck['step']
-    raw = model
-    if world > 1:  # DDP all-reduces the gradients during backward
-        model = torch.nn.parallel.DistributedDataParallel(raw, [device] if device.type == 'cuda' else None)
+    model = DDP(raw, [device] if device.type == 'cuda' else None) if world > 1 else raw  # all-reduces grads
     fwd = torch.compile(model) if args.compile else model
     if master:
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{args.mode}: depth {args.depth} ({n_params / 1e6:.2f}M params), {args.data} ({len(data)} images, "
-              f"{raw.num_classes} classes), {world} process(es) x {micro} x {args.grad_accum} accum = batch "
-              f"{args.batch_size}, {device}, from step {step}")
+        print(f"{args.mode}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(data)} images"
+              f", batch {args.batch_size} = {world} x {micro} x {args.grad_accum}, {device}, step {step}")
 
     def save(at_step):
         if master:
             keep = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}
             save_atomic(dict(model=raw.state_dict(), config=raw.config, optimizer=opt.state_dict(), args=keep,
-                             scaler=scaler.state_dict() if scaler else None, step=at_step,
-                             tokenizer=os.path.abspath(args.vae)), ckpt_path)
+                             scaler=scaler and scaler.state_dict(), tokenizer=os.path.abspath(args.vae),
+                             step=at_step), ckpt_path)
 
     batches = step_batches(len(data), args.batch_size, micro, world, rank, args.grad_accum,
                            range(step, args.steps), args.seed)
@@ -530,8 +508,8 @@ def train(args, make_loss):
             lr = lr_at(step, args.steps, args.lr, args.warmup_steps, args.lr_end, args.lr_hold)
             for g in opt.param_groups:
                 g['lr'] = lr
-            # every random draw of the step (SF sampling, class dropout, drop-path, the scale list) derives from
-            # (seed, step, rank), like the data: the step counter is the whole RNG state, so resuming is exact
+            # every random draw of the step (SF sampling, class dropout, drop-path, the scale list) derives
+            # from (seed, step, rank), as the data do: the step is the whole RNG state, so resuming is exact
             gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, step, rank))
             torch.manual_seed(step_seed(args.seed, step, rank))
             scales = random_scales(args.scales, random.Random(step_seed(args.seed, step))) \
@@ -663,7 +641,8 @@ def run_sampling(args):
     if rank != 0:
         return
     per_class = min(args.num_samples, 10)       # the grid: up to 10 classes x 10 samples, a row per class
-    keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples < per_class]
+    keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples
+            < per_class]
     grid = torch.from_numpy(arr[keep]).permute(0, 3, 1, 2) / 127.5 - 1
     save_image_grid(grid, os.path.join(out, 'samples.png'), nrow=per_class)
     if args.trajectory:  # rows: samples; columns: the image decoded after each scale (paper Fig. 7)
@@ -676,11 +655,9 @@ def run_sampling(args):
         os.makedirs(os.path.join(out, 'samples', str(c)), exist_ok=True)
         Image.fromarray(img).save(os.path.join(out, 'samples', str(c), f'{i:06d}.png'))
     if args.save_npz:  # np.savez streams the memory-mapped array into the zip in 16 MiB chunks
-        with open(args.save_npz + '.tmp', 'wb') as f:
-            np.savez(f, arr_0=arr, labels=labels.numpy())
-        os.replace(args.save_npz + '.tmp', args.save_npz)
+        atomic_write(args.save_npz, lambda f: np.savez(f, arr_0=arr, labels=labels.numpy()))
     os.remove(path)
-    print(f"wrote {out}/samples.png" + (f", {args.save_npz} ({n} images, {side} px)" if args.save_npz else ''))
+    print(f"wrote {out}/samples.png" + (f", {args.save_npz} ({n} images)" if args.save_npz else ''))
 
 # --------------------------------------------------------------------------------------------------------
 # 8. the command line
@@ -703,10 +680,8 @@ def official_lr(depth, mode, batch):
     return peak * at_start, r['wpe'] / at_start, 0.0
 
 def get_parser():
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="SAR: "
-                                "teacher-forcing pretraining (--mode tf) and SAR post-training (--mode sar) of "
-                                "FlexVAR; --sample generates. Defaults: the laptop configuration below depth 12, "
-                                "the official recipe at depth 16/20/24.")
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="SAR "
+                                "for FlexVAR. Defaults: the laptop run below depth 12, else the official.")
     a = p.add_argument
     a('--mode', choices=['tf', 'sar'], default='tf', help="tf: eq. 2; sar: L_TF + gamma * L_CSF, eq. 11")
     a('--sample', action='store_true', help="generate images from --ckpt instead of training")
@@ -744,7 +719,7 @@ def get_parser():
     a('--ckpt-every', type=int, default=200, help="write the checkpoint every N steps and at the end")
     a('--log-every', type=int, default=50, help="log every N steps (stdout + <out-dir>/log.jsonl)")
     a('--seed', type=int, default=0, help="seed of everything random: data order, training, sampling")
-    a('--device', default='auto', help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    a('--device', default='auto', help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
     a('--workers', type=int, default=1, help="DataLoader worker processes")
     a('--quiet', action='store_true', help="no progress bar; log lines only")
     a('--ckpt', default='', help="--sample: the checkpoint (ours, or an official one with --vae)")
@@ -764,17 +739,18 @@ def resolve_args(args):
     """Fill the size- and mode-dependent defaults (see --help); refuse bad values before any work."""
     official = args.depth >= 12
     if args.scales or not args.sample:  # sampling defaults to the checkpoint's list
-        args.scales = parse_scales(args.scales or ','.join(map(str, (LAPTOP_SCALES, OFFICIAL_SCALES)[official])))
+        args.scales = parse_scales(args.scales or ','.join(map(str, OFFICIAL_SCALES if official
+                                                                else LAPTOP_SCALES)))
     args.image_size = args.image_size or (512 if official else 32)
     args.crop = args.crop or ('random' if official else 'center')
     args.vae = args.vae or (None if args.sample else os.path.join('out', 'tokenizer.pt'))
     args.out_dir = args.out_dir or ('' if args.sample else os.path.join('out', args.mode))
     peak, end, args.lr_hold = official_lr(args.depth, args.mode, args.batch_size) if official else \
         ((1e-3, 0.1, 0.05) if args.mode == 'tf' else (3e-4, 1.0, 0.0))
+    warm = args.steps // 50 if args.mode == 'tf' else 0            # 2 % warm-up, the official ep/50
     args.lr = peak if args.lr is None else args.lr
     args.lr_end = end if args.lr_end is None else args.lr_end
-    if args.warmup_steps is None:
-        args.warmup_steps = args.steps // 50 if args.mode == 'tf' else 0
+    args.warmup_steps = warm if args.warmup_steps is None else args.warmup_steps
     ok = dict(depth=args.depth >= 1, steps=args.steps >= 1, batch_size=args.batch_size >= 1, lr=args.lr > 0,
               grad_accum=args.grad_accum >= 1, lr_end=args.lr_end >= 0, warmup_steps=args.warmup_steps >= 0,
               gamma=args.gamma >= 0, cond_drop=0 <= args.cond_drop < 1, num_samples=args.num_samples >= 1,
