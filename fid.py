@@ -37,11 +37,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-try:  # the project's one error type for bad input; fid.py also runs alone, without tokenizer.py beside it
-    from tokenizer import UserError
+try:  # the project's one error convention for bad input; fid.py also runs alone, without tokenizer.py
+    from tokenizer import ArgumentParser, UserError
 except ImportError:
     class UserError(Exception):
         """Bad user input or data; main() prints it as one line `error: ...` and exits with 2."""
+
+    class ArgumentParser(argparse.ArgumentParser):
+        def error(self, message):  # a bad flag is a UserError too: one line, not argparse's usage block
+            raise UserError(f"{message} (see --help)")
 
 
 def atomic_write(path, write):
@@ -949,7 +953,7 @@ def domain_metrics(samples, ref=None, clf_path='out/clf.pt', batch_size=64, devi
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="FID / sFID / Inception Score / precision / recall as OpenAI's ADM evaluator computes "
                     "them (PyTorch only), or FID + class accuracy in the features of a small domain "
                     "classifier (--features).",
@@ -1012,8 +1016,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         if args.train_classifier:
             train_classifier(args.train_classifier, args.out, args.image_size, args.steps, seed=args.seed,
                              device=args.device)

@@ -33,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from tqdm import tqdm
 
-from tokenizer import (UserError, atomic_write, check_scales, check_writable, error_line, load_checkpoint,
-                       load_dataset, load_state_dict_strict, load_tokenizer, lr_at, parse_scales, save_atomic,
-                       save_image_grid, step_batches, step_seed, to_uint8)
+from tokenizer import (ArgumentParser, UserError, atomic_write, check_scales, check_writable, error_line,
+                       load_checkpoint, load_dataset, load_state_dict_strict, load_tokenizer, lr_at, parse_scales,
+                       save_atomic, save_image_grid, step_batches, step_seed, to_uint8)
 
 OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680 tokens)
 LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop configuration (8x8 latent, L = 155)
@@ -680,7 +680,7 @@ def official_lr(depth, mode, batch):
     return peak * at_start, r['wpe'] / at_start, 0.0
 
 def get_parser():
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="SAR "
+    p = ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="SAR "
                                 "for FlexVAR. Defaults: the laptop run below depth 12, else the official.")
     a = p.add_argument
     a('--mode', choices=['tf', 'sar'], default='tf', help="tf: eq. 2; sar: L_TF + gamma * L_CSF, eq. 11")

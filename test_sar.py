@@ -476,7 +476,8 @@ def test_errors_bad_scales(capsys, tiny_vae_path, tmp_path):
 @pytest.mark.parametrize('flags,what', [(['--steps', '0'], '--steps 0'), (['--steps', '-3'], '--steps -3'),
                                         (['--batch-size', '0'], '--batch-size 0'), (['--lr', '-1'], '--lr -1.0'),
                                         (['--num-samples', '0'], '--num-samples 0'), (['--cfg', '-3'], '--cfg -3.0'),
-                                        (['--top-p', '2'], '--top-p 2.0'), (['--classes', 'a,b'], '--classes')])
+                                        (['--top-p', '2'], '--top-p 2.0'), (['--classes', 'a,b'], '--classes'),
+                                        (['--mode', 'x'], 'invalid choice'), (['--bogus'], 'unrecognized')])
 def test_bad_values_are_refused_before_any_work(capsys, tmp_path, flags, what):
     out = tmp_path / 'never'
     assert what in error_of(capsys, ['--out-dir', str(out), *flags])

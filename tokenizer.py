@@ -1041,6 +1041,14 @@ def step_batches(n, global_batch, micro, world, rank, accum, steps, seed):
             yield [(i, step_seed(~seed, step) + j + k) for k, i in enumerate(batch[j:j + micro].tolist())]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one error convention: a bad flag or value raises UserError, which main()
+    prints as one line `error: ...` (exit 2), instead of argparse's usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 def error_line(e):
     """The one line main() prints for a UserError, also for one raised inside a DataLoader worker process: the
     DataLoader re-raises it in the main process with the worker's traceback appended to the message."""
@@ -1213,7 +1221,7 @@ def lr_at(step, total, peak, warmup, end_frac, hold_frac):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train the FlexVAE-style VQ tokenizer from scratch (defaults: "
+    p = ArgumentParser(description="Train the FlexVAE-style VQ tokenizer from scratch (defaults: "
                                 "the small laptop config for --data toy: 32 px images, 8x8 latent, scales "
                                 "1..8).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1308,13 +1316,13 @@ def eval_only(args):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    elif hasattr(os, 'sched_getaffinity') and 'OMP_NUM_THREADS' not in os.environ:
-        # respect CPU pinning (containers, taskset); an explicit OMP_NUM_THREADS wins (jobs sharing the cores)
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     try:
+        args = get_parser().parse_args(argv)
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        elif hasattr(os, 'sched_getaffinity') and 'OMP_NUM_THREADS' not in os.environ:
+            # respect CPU pinning (containers, taskset); an explicit OMP_NUM_THREADS wins (shared cores)
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
         check_args(args)
         eval_only(args) if args.eval_only else train(args)
     except UserError as e:

@@ -117,8 +117,8 @@ def main(argv=None):
     p.description = __doc__.split('\n\n')[1]
     p.add_argument('--bench-steps', type=int, default=6, help="timed steps (the first is warm-up, excluded)")
     p.add_argument('--peak-tflops', type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense: 989)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         if args.bench_steps < 1:
             raise UserError(f"--bench-steps must be >= 1, got {args.bench_steps}")
         return bench(sar.resolve_args(args))

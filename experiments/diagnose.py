@@ -94,8 +94,8 @@ def main(argv=None):
     p = sar.get_parser()
     p.description = __doc__.split('\n\n')[1]
     p.add_argument('--images', type=int, default=1000, help="held-out images to evaluate (the 'val' split)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         if not args.ckpt:
             raise UserError("--ckpt CKPT is required (e.g. out/sar/ckpt.pt)")
         if args.images < 1:
