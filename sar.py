@@ -34,8 +34,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from tokenizer import (ArgumentParser, UserError, atomic_write, check_scales, check_writable, error_line,
-                       load_checkpoint, load_dataset, load_state_dict_strict, load_tokenizer, lr_at, parse_scales,
-                       save_atomic, save_image_grid, step_batches, step_seed, to_uint8)
+                       load_checkpoint, load_dataset, load_state_dict_strict, load_tokenizer, lr_at,
+                       parse_scales, save_atomic, save_image_grid, set_threads, step_batches, step_seed,
+                       to_uint8)
 
 OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680 tokens)
 LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop configuration (8x8 latent, L = 155)
@@ -641,8 +642,7 @@ def run_sampling(args):
     if rank != 0:
         return
     per_class = min(args.num_samples, 10)       # the grid: up to 10 classes x 10 samples, a row per class
-    keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples
-            < per_class]
+    keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples < 10]
     grid = torch.from_numpy(arr[keep]).permute(0, 3, 1, 2) / 127.5 - 1
     save_image_grid(grid, os.path.join(out, 'samples.png'), nrow=per_class)
     if args.trajectory:  # rows: samples; columns: the image decoded after each scale (paper Fig. 7)
@@ -780,10 +780,10 @@ def loss_for(args, vae, num_classes):
                              sf_cfg=args.sf_cfg)
 
 def main(argv=None, make_loss=loss_for):
-    """The command line: one line `error: ...` for bad input. The experiments train their own losses through
-    make_loss (see experiments/naive_sf.py)."""
+    """The command line (experiments/ train other losses through make_loss): one line `error: ...`."""
     try:
         args = resolve_args(get_parser().parse_args(argv))
+        set_threads()        # the cores other processes leave free, or $OMP_NUM_THREADS (tokenizer.py)
         run_sampling(args) if args.sample else train(args, make_loss)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)

@@ -1436,3 +1436,17 @@ def test_ctrl_c_prints_interrupted(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         T.main(['--out', str(tmp_path / 'o.pt')])
     assert e.value.code == 130 and capsys.readouterr().err.strip() == 'interrupted'
+
+
+def test_set_threads_uses_free_cores_and_respects_overrides(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert tokenizer.set_threads(1) == 1                       # an explicit count wins
+        monkeypatch.setenv('OMP_NUM_THREADS', '1')
+        torch.set_num_threads(3)
+        assert tokenizer.set_threads() == 3                        # $OMP_NUM_THREADS: left to torch
+        monkeypatch.delenv('OMP_NUM_THREADS')
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        assert 1 <= tokenizer.set_threads() <= cores               # the free cores, at least one
+    finally:
+        torch.set_num_threads(before)
