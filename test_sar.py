@@ -442,7 +442,9 @@ def test_compile_runs_a_few_steps(tiny_vae_path, tmp_path):
 
 
 def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
-    common = ('--steps', '3', '--scale-schedule', 'fixed', '--cond-drop', '0', '--drop-path', '0', '--no-flip',
+    """Flips are drawn per image from its place in the global batch, so they agree across world sizes; class
+    dropout and drop-path are drawn per rank (turned off here)."""
+    common = ('--steps', '3', '--scale-schedule', 'fixed', '--cond-drop', '0', '--drop-path', '0',
               '--mode', 'sar', '--sf-input', 'argmax')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     one = [sys.executable, 'sar.py', *train_args(tiny_vae_path, str(tmp_path / 'one'), *common)]

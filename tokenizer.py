@@ -232,7 +232,9 @@ class VectorQuantizer(nn.Module):
         codebook loss |sg(z) - e|^2 (moves codes) and commitment loss |z - sg(e)|^2 (moves the encoder)."""
         B, C, h, w = z.shape
         zf, idx = self.nearest(z)
-        q = self.codebook()[idx]
+        # a one-hot product, not codebook()[idx]: the backward of indexing accumulates with index_put_, whose
+        # order varies from run to run on 2+ CPU threads (the same command gave different tokenizers)
+        q = F.one_hot(idx, self.embedding.num_embeddings).to(zf.dtype) @ self.codebook()
         codebook_loss = F.mse_loss(q, zf.detach())
         commit_loss = F.mse_loss(zf, q.detach())
         q = zf + (q - zf).detach()  # value = code, gradient flows to the (normalised) encoder output
@@ -353,8 +355,10 @@ def kmeans_init(model, batches, n_batches=16, iters=10):
         d = torch.minimum(d, (1 - z @ c[k]).clamp_min(0))
     for _ in range(iters):
         best, assign = (z @ c.t()).max(1)  # nearest centroid = largest cosine
-        sums = torch.zeros_like(c).index_add_(0, assign, z)
         count = torch.bincount(assign, minlength=V)
+        # per-cluster sums in a fixed order: index_add_ on 2+ CPU threads adds in a varying order, which made
+        # two runs of the same command differ
+        sums = torch.segment_reduce(z[assign.argsort(stable=True)], 'sum', lengths=count, axis=0)
         c = torch.where(count[:, None] > 0, F.normalize(sums, dim=-1), c)
         empty = (count == 0).nonzero().flatten()
         if len(empty):  # an empty cluster restarts on the worst-served points (splits merged clusters)
@@ -1050,12 +1054,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def set_threads(n=0):
-    """torch's CPU threads: n if n > 0; else $OMP_NUM_THREADS if it is set (torch already follows it); else the
-    cores this process may use minus those other processes keep busy right now. Why: OpenMP threads that share
-    a core with another busy process spin-wait for each other, so on a busy 2-core machine a step of ours with 2
-    threads took 5-6x its idle time, and with 1 thread 1.9x. The busy cores are the runnable tasks that
-    /proc/loadavg counts now (not the 1-minute average, which still holds the job that just ended), the median
-    of 10 looks over ~50 ms; without /proc, every core is used."""
+    """torch's CPU threads: n if n > 0; else $OMP_NUM_THREADS if it is set (torch already follows it); else
+    the cores this process may use minus those other processes keep busy right now. Why: OpenMP threads
+    that share a core with another busy process spin-wait for each other, so on a busy 2-core machine a step
+    with 2 threads took 5-13x its idle time, and with 1 thread 2.2x. The busy cores are the runnable tasks
+    that /proc/loadavg counts now (not the 1-minute average, which still holds the job that just ended), the
+    median of 10 looks over ~50 ms; without /proc, every core is used."""
     if n <= 0 and os.environ.get('OMP_NUM_THREADS'):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1

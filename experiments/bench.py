@@ -4,12 +4,16 @@ Time training steps of sar.py on random weights: teacher forcing, or a SAR step 
     python experiments/bench.py --depth 16 --batch-size 2 --scales 1,2,3,4,5,6,8,10,13,16 --image-size 256 \
         --dtype fp32 --bench-steps 4 --mode sar --sf-input argmax
 
-The tokenizer is the real FlexVAE architecture with random weights (it costs what the trained one costs) unless
---vae is given. A step = tokenize the batch + the mode's loss + backward + clip + AdamW, exactly as sar.py's
-training loop does it, on the fixed --scales list. For --mode sar it also times SAR's extra work alone, for the
-floor of a SAR step: the student pass (forward + backward) and, with --sf-input cfg, the no-grad unconditional
-forward. On CUDA it reports peak memory and MFU (model FLOPs / step time / --peak-tflops).
+The tokenizer is the real FlexVAE architecture with random weights (it costs what the trained one costs)
+unless --vae is given. A step = tokenize the batch + the mode's loss + backward + clip + AdamW, exactly as
+sar.py's training loop does it, on the fixed --scales list. For --mode sar it also times SAR's extra work
+alone, for the floor of a SAR step: the student pass (forward + backward) and, with --sf-input cfg, the
+no-grad unconditional forward. On CUDA it reports peak memory and MFU (model FLOPs / time / --peak-tflops).
 Prints one line per step and a JSON summary (median over the steps after the first, which is warm-up).
+--sampling times sar.sample instead: --bench-steps batches of --batch-size images (one class each), the
+sampling flags (--cfg, default 2.2 as the official d16 eval, --top-k, --top-p, --scales), VAE decode included.
+
+    python experiments/bench.py --sampling --depth 16 --batch-size 4 --image-size 256 --dtype fp32
 """
 import json
 import os
@@ -25,8 +29,8 @@ from tokenizer import VQVAE, UserError  # noqa: E402
 
 
 def train_flops_per_image(model, scales, args):
-    """Matmul FLOPs of one training image: forward = 2 * (weights x tokens) + attention 4 * L_ctx * C per token
-    per layer; backward = 2 x forward. SAR adds the no-grad unconditional pass (cfg) and the student pass."""
+    """Matmul FLOPs of one training image: forward = 2 * (weights x tokens) + attention 4 * L_ctx * C per
+    token per layer; backward = 2 x forward. SAR adds the no-grad unconditional pass and the student pass."""
     C, D, V = model.C, model.depth, model.V
 
     def fwd(s):
@@ -104,10 +108,39 @@ def bench(args):
         res['nograd_forward_ms'] = timed(uncond, sync, 3)
     if device.type == 'cuda':
         res['peak_mem_GiB'] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        res['mfu'] = round(train_flops_per_image(model, scales, args) * B / (med / 1000) / (args.peak_tflops * 1e12), 4)
+        flops_per_s = train_flops_per_image(model, scales, args) * B / (med / 1000)
+        res['mfu'] = round(flops_per_s / (args.peak_tflops * 1e12), 4)
     else:
         import resource
         res['peak_rss_GiB'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    print(json.dumps(res))
+    return res
+
+
+@torch.no_grad()
+def bench_sampling(args):
+    device = sar.setup_distributed(args.device)[2]
+    torch.manual_seed(args.seed)
+    vae = sar.load_tokenizer(args.vae, device, args.trust_checkpoint) if args.vae else \
+        VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    V, Cv = vae.codebook().shape
+    model = sar.FlexVAR(args.depth, V, 1000, Cv, drop_path_rate=0.0).init_weights().to(device).eval()
+    labels = torch.arange(args.batch_size, device=device) % model.num_classes
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    cfg = 2.2 if args.cfg is None else args.cfg
+    times = []
+    for i in range(args.bench_steps):
+        gen = torch.Generator(device=device).manual_seed(i)
+
+        def one():
+            with sar.autocast_ctx(device, args.dtype):
+                sar.sample(model, vae, labels, list(args.scales), cfg, args.top_k, args.top_p, gen, args.cfg_form)
+        times.append(timed(one, sync, 1))
+        print(f"batch {i}: {times[-1]:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
+    med = statistics.median(times[1:] or times)
+    res = dict(depth=args.depth, batch=args.batch_size, scales=list(args.scales), cfg=cfg, top_k=args.top_k,
+               top_p=args.top_p, device=str(device), dtype=args.dtype, s_per_batch=round(med / 1000, 3),
+               images_per_s=round(args.batch_size * 1000 / med, 3))
     print(json.dumps(res))
     return res
 
@@ -116,12 +149,16 @@ def main(argv=None):
     p = sar.get_parser()
     p.description = __doc__.split('\n\n')[1]
     p.add_argument('--bench-steps', type=int, default=6, help="timed steps (the first is warm-up, excluded)")
-    p.add_argument('--peak-tflops', type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense: 989)")
+    p.add_argument('--peak-tflops', type=float, default=989.0, help="peak for MFU (H100 bf16 dense: 989)")
+    p.add_argument('--sampling', action='store_true', help="time sar.sample (VAE decode included) instead")
     try:
         args = p.parse_args(argv)
         if args.bench_steps < 1:
             raise UserError(f"--bench-steps must be >= 1, got {args.bench_steps}")
-        return bench(sar.resolve_args(args))
+        vae = args.vae                 # no --vae: the FlexVAE architecture with random weights, not out/
+        args = sar.resolve_args(args)
+        args.vae = vae
+        return bench_sampling(args) if args.sampling else bench(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,10 +1,10 @@
 """
-The exposure-bias diagnostic (paper section 3): how much worse a checkpoint predicts each scale when its inputs
-are its own outputs instead of the ground truth.
+The exposure-bias diagnostic (paper section 3): how much worse a checkpoint predicts each scale when its
+inputs are its own outputs instead of the ground truth.
 
     python experiments/diagnose.py --ckpt out/sar/ckpt.pt --data toy --images 1000     # -> diagnose.json
 
-For held-out images, per scale, the cross entropy and accuracy against the GT tokens for three kinds of inputs:
+For held-out images, per scale, the cross entropy and accuracy against the GT tokens, for three inputs:
   teacher  the GT token maps (training, eq. 2);
   ssr      each map drawn from the model's own teacher-forced prediction of it, as --sf-input says (the inputs
            of SAR's 'all' transitions, eq. 5): one step off the GT hierarchy;
@@ -51,7 +51,7 @@ def diagnose(args):
     check_writable(os.path.join(out_dir, 'diagnose.json'), '--out-dir')
     data = load_dataset(args.data, scales[-1] * vae.downsample, 'val')
     n, K = min(args.images, len(data)), len(scales)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), batch_size=args.sample_batch)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.sample_batch)
     sums = {kind: {pn: [0.0, 0.0] for pn in scales} for kind in ('teacher', 'ssr', 'rollout')}
     from tqdm import tqdm
     for b, (images, labels) in enumerate(tqdm(loader, disable=args.quiet, desc='diagnose')):
@@ -62,10 +62,11 @@ def diagnose(args):
             logits = model(labels, x_in, scales)
             guided = args.sf_input == 'cfg' and args.sf_cfg > 1
             uncond = model(torch.full_like(labels, model.num_classes), x_in, scales) if guided else None
-            drawn = sar.ssr_draw(logits, uncond, scales, range(K), args.sf_input, args.sf_top_k, args.sf_top_p,
-                                 args.sf_cfg, gen)
-            own, _ = sar.generate_tokens(model, vae, labels, scales, cfg, args.top_k, args.top_p, gen, args.cfg_form)
-            stats = dict(teacher=per_scale_stats(logits, torch.cat(gt_idx, dim=1), scales),  # = exposure_bias(gt)
+            drawn = sar.ssr_draw(logits, uncond, scales, range(K), args.sf_input, args.sf_top_k,
+                                 args.sf_top_p, args.sf_cfg, gen)
+            own, _ = sar.generate_tokens(model, vae, labels, scales, cfg, args.top_k, args.top_p, gen,
+                                         args.cfg_form)
+            stats = dict(teacher=per_scale_stats(logits, torch.cat(gt_idx, dim=1), scales),  # = with gt
                          ssr=exposure_bias(model, vae, gt_idx, labels, scales, [drawn[i] for i in range(K)]),
                          rollout=exposure_bias(model, vae, gt_idx, labels, scales, own))
         for kind, per in stats.items():
@@ -76,7 +77,8 @@ def diagnose(args):
     res = dict(ckpt=os.path.abspath(args.ckpt), images=n, scales=scales, cfg=cfg, top_k=args.top_k,
                top_p=args.top_p, sf_input=args.sf_input, per_scale={}, token_mean_ce={})
     for kind, d in sums.items():
-        res['per_scale'][kind] = {str(pn): dict(ce=round(c / n, 4), acc=round(a / n, 4)) for pn, (c, a) in d.items()}
+        res['per_scale'][kind] = {str(pn): dict(ce=round(c / n, 4), acc=round(a / n, 4))
+                                  for pn, (c, a) in d.items()}
         res['token_mean_ce'][kind] = round(sum(d[pn][0] / n * pn * pn for pn in scales) / L, 4)
     print(f"exposure bias of {args.ckpt} on {n} held-out images (CE / accuracy vs the GT tokens)")
     print(f"{'scale':>5} | {'teacher':>15} | {'ssr':>15} | {'rollout':>15}")

@@ -28,8 +28,8 @@ import tokenizer  # noqa: E402
 
 @torch.no_grad()
 def rollout(model, vae, labels, scales, keep, top_k, top_p, cfg=None, generator=None):
-    """sar.generate_tokens' KV-cached loop, where the token maps in `keep` ({scale index: (B, pn^2)}) replace the
-    drawn ones, and every scale is sampled (the official sampling grid is for inference, not for training lists)."""
+    """sar.generate_tokens' KV-cached loop, where the token maps in `keep` ({scale index: (B, pn^2)}) replace
+    the drawn ones, and every scale is sampled (the official sampling grid is for inference, not training)."""
     was_training = model.training
     model.eval()
     B, K = labels.shape[0], len(scales)
@@ -51,7 +51,8 @@ def rollout(model, vae, labels, scales, keep, top_k, top_p, cfg=None, generator=
     return maps
 
 
-def naive_sf_inputs(model, vae, gt_idx, labels, scales, schedule, hybrid_k, sf_input, top_k, top_p, sf_cfg, gen):
+def naive_sf_inputs(model, vae, gt_idx, labels, scales, schedule, hybrid_k, sf_input, top_k, top_p, sf_cfg,
+                    gen):
     """Eq. (3): the inputs (B, L - pn_0^2, Cv) of a naive student-forcing step. The input of scale i+1 is made
     from map i, so keeping map i at the ground truth teacher-forces scale i+1."""
     K = len(scales)
@@ -61,13 +62,13 @@ def naive_sf_inputs(model, vae, gt_idx, labels, scales, schedule, hybrid_k, sf_i
         keep = [i for i in range(K - 1) if scales[i + 1] <= hybrid_k]
     else:
         keep = []
-    own = rollout(model, vae, labels, scales, {i: gt_idx[i] for i in keep}, 1 if sf_input == 'argmax' else top_k,
-                  top_p, sf_cfg if sf_input == 'cfg' else None, gen)
+    own = rollout(model, vae, labels, scales, {i: gt_idx[i] for i in keep},
+                  1 if sf_input == 'argmax' else top_k, top_p, sf_cfg if sf_input == 'cfg' else None, gen)
     return sar.tf_input(vae, own, scales)
 
 
 class NaiveSFLoss:
-    """The training loss of a naive-SF run: eq. (2)'s cross entropy on rollout inputs. Counts its calls so that
+    """The training loss of a naive-SF run: eq. (2)'s cross entropy on rollout inputs. Counts its calls, so
     'alternate' knows the step (teacher forcing on even steps), also after --resume."""
 
     def __init__(self, args, vae, num_classes, schedule, hybrid_k):
@@ -91,7 +92,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--schedule', choices=['full', 'alternate', 'interleave', 'hybrid'], default='full',
                    help="which inputs come from the model's own rollout (Table 3)")
-    p.add_argument('--hybrid-k', type=int, default=4, help="hybrid@k: scales of side <= k stay teacher-forced")
+    p.add_argument('--hybrid-k', type=int, default=4, help="hybrid@k: sides <= k stay teacher-forced")
     try:
         own, rest = p.parse_known_args(argv)
     except tokenizer.UserError as e:

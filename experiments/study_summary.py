@@ -9,14 +9,16 @@ for ev in sorted(glob.glob(os.path.join(out, '*', '*', 's*', 'eval.json'))):
     ds, variant, seed = run.split(os.sep)[-3:]
     e, dg = json.load(open(ev)), json.load(open(os.path.join(run, 'diagnose.json')))
     logs = [json.loads(line) for line in open(os.path.join(run, 'log.jsonl'))]
-    speed = [r['imgs_per_s'] for r in logs[1:]] or [r['imgs_per_s'] for r in logs]   # the first interval holds warm-up
+    # the first log interval holds the warm-up
+    speed = [r['imgs_per_s'] for r in logs[1:]] or [r['imgs_per_s'] for r in logs]
     row = dict(dataset=ds, variant=variant, seed=int(seed[1:]), fid=e['fid'], acc=e['acc'],
                s_per_step=batch / statistics.median(speed))
     row.update({f'ce_{k}': v for k, v in dg['token_mean_ce'].items()})
     for kind in ('teacher', 'rollout'):
         row.update({f'{kind}_ce_{pn}': v['ce'] for pn, v in dg['per_scale'][kind].items()})
     rows.append(row)
-commit = open(os.path.join(out, 'commit.txt')).read().strip() if os.path.isfile(os.path.join(out, 'commit.txt')) else None
+commit_file = os.path.join(out, 'commit.txt')
+commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else None
 json.dump(dict(commit=commit, runs=rows), open(os.path.join(out, 'results.json'), 'w'), indent=1)
 with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
     w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
