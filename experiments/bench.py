@@ -55,13 +55,19 @@ def timed(fn, sync, reps):
     return round(statistics.median(ts) * 1000, 1)
 
 
-def bench(args):
+def setup(args, drop_path_rate=None):
+    """(device, tokenizer, FlexVAR with random weights): --vae, or the real FlexVAE architecture."""
     device = sar.setup_distributed(args.device)[2]
     torch.manual_seed(args.seed)
     vae = sar.load_tokenizer(args.vae, device, args.trust_checkpoint) if args.vae else \
         VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
     V, Cv = vae.codebook().shape
-    model = sar.FlexVAR(args.depth, V, 1000, Cv).init_weights().to(device).train()
+    return device, vae, sar.FlexVAR(args.depth, V, 1000, Cv, drop_path_rate).init_weights().to(device)
+
+
+def bench(args):
+    device, vae, model = setup(args)
+    model.train()
     opt = sar.make_optimizer(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11) if args.dtype == 'fp16' else None
     loss_fn = sar.loss_for(args, vae, model.num_classes)
@@ -119,12 +125,8 @@ def bench(args):
 
 @torch.no_grad()
 def bench_sampling(args):
-    device = sar.setup_distributed(args.device)[2]
-    torch.manual_seed(args.seed)
-    vae = sar.load_tokenizer(args.vae, device, args.trust_checkpoint) if args.vae else \
-        VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    V, Cv = vae.codebook().shape
-    model = sar.FlexVAR(args.depth, V, 1000, Cv, drop_path_rate=0.0).init_weights().to(device).eval()
+    device, vae, model = setup(args, drop_path_rate=0.0)
+    model.eval()
     labels = torch.arange(args.batch_size, device=device) % model.num_classes
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     cfg = 2.2 if args.cfg is None else args.cfg
