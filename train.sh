@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole SAR recipe: tokenizer -> teacher-forcing pretraining -> SAR post-training -> sampling -> FID.
 #
-#   bash train.sh                      # the laptop pipeline on the built-in `toy` data (13 min on 2 CPU cores)
-#   bash train.sh study                # the reproduction study: toy + MNIST, 8 variants x 3 seeds (README)
+#   bash train.sh                      # the laptop pipeline on the built-in `toy` data (8.5 min on 2 CPU cores)
+#   bash train.sh study                # the reproduction study: toy + MNIST, 8 variants x 3 seeds (docs/study.md)
 #   SMOKE=1 bash train.sh              # the same stages with tiny sizes (< 2 min; CI runs it)
 #   DATA=/path/imagenet/train VAE=FlexVAE.pth INIT=FlexVARd16-epo179.pth DEPTH=16 NPROC=8 bash train.sh
 #                                      # SAR post-training of the official FlexVAR-d16 with the official recipe,
@@ -15,7 +15,7 @@
 #   DEPTH    transformer depth (4 on the laptop; official 16/20/24)
 #   NPROC    processes per node for torchrun (default 1)
 #   OUT      output folder (default out, or out/smoke with SMOKE=1)
-#   TF_STEPS, SAR_STEPS, BATCH, IMAGE_SIZE, SCALES, CFG, NUM_SAMPLES (per class), FID_REF, FID_WEIGHTS
+#   TF_STEPS, SAR_STEPS, BATCH, IMAGE_SIZE, CROP, SCALES, CFG, NUM_SAMPLES (per class), FID_REF, FID_WEIGHTS
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,8 +32,10 @@ DATA=${DATA:-toy}
 NPROC=${NPROC:-1}
 if [ -n "${INIT:-}" ] && [ -z "${DEPTH:-}" ]; then echo "error: INIT given: set DEPTH to its depth (16/20/24)" >&2; exit 2; fi
 DEPTH=${DEPTH:-$([ "$SMOKE" = 1 ] && echo 2 || echo 4)}
-if [ "$DEPTH" -ge 12 ]; then            # the official sizes: ImageNet 256 px, 1000 classes, official recipe
-  IMAGE_SIZE=${IMAGE_SIZE:-256}; SCALES=${SCALES:-1,2,3,4,5,6,8,10,13,16}; BATCH=${BATCH:-768}
+if [ "$DEPTH" -ge 12 ]; then            # the official sizes and recipe: ImageNet, 1000 classes, 512 px random
+  # crops (the official final_reso: a 32x32 latent that every scale is pooled from; the paper's 256 px centre
+  # crop is IMAGE_SIZE=256 CROP=center)
+  IMAGE_SIZE=${IMAGE_SIZE:-512}; SCALES=${SCALES:-1,2,3,4,5,6,8,10,13,16}; BATCH=${BATCH:-768}
   TF_STEPS=${TF_STEPS:-300000}; SAR_STEPS=${SAR_STEPS:-18359}      # 11 epochs x 1669 it (the official SAR run)
   NUM_SAMPLES=${NUM_SAMPLES:-50}; CFG=${CFG:-}; EXTRA_EVAL=""
 elif [ "$SMOKE" = 1 ]; then
@@ -49,7 +51,7 @@ OUT=${OUT:-$([ "$SMOKE" = 1 ] && echo out/smoke || echo out)}
 mkdir -p "$OUT"
 RUN="$PY"
 [ "$NPROC" -gt 1 ] && RUN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
-COMMON="--data $DATA --depth $DEPTH --image-size $IMAGE_SIZE --scales $SCALES --batch-size $BATCH --quiet"
+COMMON="--data $DATA --depth $DEPTH --image-size $IMAGE_SIZE --scales $SCALES --batch-size $BATCH --quiet ${CROP:+--crop $CROP}"
 start=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - start ))s] $*"; }
 
