@@ -12,7 +12,6 @@ For held-out images, per scale, the cross entropy and accuracy against the GT to
            inference sees. teacher -> rollout is the train-test gap SAR is meant to shrink.
 Sampling and SF flags are sar.py's (python sar.py --help).
 """
-import argparse
 import json
 import os
 import sys
