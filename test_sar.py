@@ -1452,3 +1452,112 @@ def test_set_threads_uses_free_cores_and_respects_overrides(monkeypatch):
         assert 1 <= tokenizer.set_threads() <= cores               # the free cores, at least one
     finally:
         torch.set_num_threads(before)
+
+
+# ---- the second study (experiments/study2.sh) ----
+import study2_summary as S2  # noqa: E402
+
+
+def chart_pixel(x, y, xlim, ylim):
+    """Where study2_summary.chart puts data (x, y): the axis ends sit INSET pixels inside the plot frame."""
+    a, b = S2.LEFT + S2.INSET, S2.W - S2.RIGHT - S2.INSET
+    top, bottom = S2.TOP + S2.INSET, S2.H - S2.BOTTOM - S2.INSET
+    return (round(a + (x - xlim[0]) / (xlim[1] - xlim[0]) * (b - a)),
+            round(bottom - (y - ylim[0]) / (ylim[1] - ylim[0]) * (bottom - top)))
+
+
+def near(img, xy, color, r=2):
+    """Whether a pixel of `color` lies within r pixels of xy."""
+    return any(img.getpixel((xy[0] + i, xy[1] + j)) == color for i in range(-r, r + 1) for j in range(-r, r + 1))
+
+
+def test_study2_chart_draws_the_data_where_the_axes_say():
+    line = S2.chart([dict(label='rising', x=[0, 10], y=[0, 10])], title='a title', xlabel='x', ylabel='y')
+    assert line.size == (640, 400)
+    at = lambda x, y: chart_pixel(x, y, (0, 10), (0, 10))      # data 0..10: ticks 0, 2, ..., 10
+    assert all(near(line, at(v, v), S2.COLORS[0]) for v in (1, 2.5, 5, 7.5, 9))         # on y = x
+    assert not any(near(line, at(x, y), S2.COLORS[0]) for x, y in ((5, 9), (5, 1), (9, 5), (1, 5)))
+    px = np.asarray(line)
+    assert (px[:S2.TOP - 5] != 255).any() and (px[S2.H - 20:] != 255).any()             # title, x label
+    # an error bar: y = 5 +- 2 at x = 5 spans 3..7 (the y axis runs 3..7); the bar stands where the data say
+    bar = S2.chart([dict(label='flat', x=[0, 5, 10], y=[5, 5, 5], err=[0, 2, 0])])
+    at = lambda x, y: chart_pixel(x, y, (0, 10), (3, 7))
+    assert near(bar, at(5, 6.5), S2.COLORS[0], 0) and near(bar, at(5, 3.5), S2.COLORS[0], 0)
+    assert not near(bar, at(2.5, 6.5), S2.COLORS[0]) and not near(bar, at(7.5, 3.5), S2.COLORS[0])
+
+
+def fake_study2(root, fids):
+    """A study folder as study2.sh leaves it, with made-up numbers: fids {(part, setting, seed, step): FID}."""
+    for (part, setting, seed, step), fid in fids.items():
+        run = root / 'toy' / part / setting / f's{seed}'
+        point = run / f'at_{step:04d}'
+        point.mkdir(parents=True)
+        (point / 'eval.json').write_text(json.dumps(dict(fid=fid, acc=0.5)))
+        per = {k: {'1': dict(ce=1.0, acc=0.5), '2': dict(ce=2.0 + fid, acc=0.5)} for k in ('teacher', 'ssr', 'rollout')}
+        (point / 'diagnose.json').write_text(json.dumps(dict(per_scale=per, token_mean_ce=dict(
+            teacher=1.5, ssr=2.0, rollout=3.0))))
+        with open(run / 'log.jsonl', 'a') as f:
+            f.write(json.dumps(dict(step=step, imgs_per_s=8.0)) + '\n')
+
+
+def test_study2_summary_pairs_seeds_and_picks_the_best_gamma(tmp_path, capsys):
+    tf, g001, g01, g1, al = [10, 12, 11], [8.0, 13.5, 12.0], [9, 11, 10], [13, 13, 13], [10.2, 10.4, 10.0]
+    fids = {('sweep', s, seed, 60): v[seed] for s, v in (('tf', tf), ('sar_g0.01', g001), ('sar_g0.1', g01),
+                                                        ('sar_g1.0', g1), ('sar_all_g0.1', al)) for seed in range(3)}
+    fids.update({('budget', s, seed, k): 10 + seed - k / 60 * (s != 'tf') for s in ('tf', 'sar_g0.1')
+                 for seed in range(3) for k in (60, 120)})
+    fake_study2(tmp_path, fids)
+    (tmp_path / 'toy' / 'best_gamma.txt').write_text('0.1\n')          # the choices study2.sh writes down
+    (tmp_path / 'toy' / 'budget.txt').write_text('sar_g0.1 tf\n')
+    d = str(tmp_path / 'toy')
+    # means: tf 11, 0.01 11.17 (though it holds the lowest single run, 8.0), 0.1 10, 1.0 13, all 10.2
+    assert S2.best_gamma(d, ['0.01', '0.1', '1.0']) == '0.1'
+    assert S2.best_settings(d, 2, ['tf', 'sar_g0.01', 'sar_g0.1', 'sar_g1.0', 'sar_all_g0.1']) == \
+        ['sar_g0.1', 'sar_all_g0.1']
+    S2.main([str(tmp_path), '16'])
+    out = capsys.readouterr().out
+    res = json.load(open(tmp_path / 'results.json'))
+    assert res['best_gamma'] == {'toy': 0.1} and res['budget'] == {'toy': ['sar_g0.1', 'tf']}
+    rows = res['runs']
+    assert len(rows) == 15 + 12
+    get = lambda **kw: [r for r in rows if all(r[k] == v for k, v in kw.items())]
+    # gamma 0.01: FID 11.17 ± 2.84 over the seeds; paired with tf of the same seed, -2, +1.5, +1: +0.17 ± 1.89
+    assert [r['fid_minus_tf'] for r in get(part='sweep', setting='sar_g0.01')] == pytest.approx([-2, 1.5, 1])
+    assert '| sar_g0.01 | 60 | 3 | 11.17 ± 2.84 | +0.17 ± 1.89 |' in out
+    # the budget pairs at the same step: sar - tf = -k/60
+    assert {r['fid_minus_tf'] for r in get(part='budget', setting='sar_g0.1', step=120)} == {-2}
+    assert get(part='sweep', setting='sar_all_g0.1')[0]['gamma'] == 0.1 and get(setting='tf')[0]['gamma'] is None
+    assert {r['s_per_step'] for r in rows} == {2.0}                                    # 16 images / 8 per s
+    # 2 x 1.893 / sqrt(3) = 2.19
+    assert 'tf vs sar (gamma 0.01) differences over n = 3 seeds: 2.19' in out
+    from PIL import Image
+    assert Image.open(tmp_path / 'plots' / 'fid_vs_gamma.png').size == (640, 400)      # one dataset: 1 panel
+    assert Image.open(tmp_path / 'plots' / 'per_scale_ce.png').size == (640, 400)
+    assert not (tmp_path / 'plots' / 'scratch.png').exists()                           # no scratch runs
+
+
+def test_study2_same_weights_check(tmp_path, capsys):
+    ck = lambda w: dict(step=4, model={'w': torch.tensor([1.0, w])},
+                        optimizer=dict(state={0: dict(exp_avg=torch.zeros(2), step=torch.tensor(4.0))}))
+    for name, w in (('a', 2.0), ('b', 2.0), ('c', 2.5)):
+        torch.save(ck(w), tmp_path / f'{name}.pt')
+    S2.main(['--same-weights', str(tmp_path / 'a.pt'), str(tmp_path / 'b.pt')])
+    assert 'bit-identical after 4 steps' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        S2.main(['--same-weights', str(tmp_path / 'a.pt'), str(tmp_path / 'c.pt')])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count('\n') == 0 and 'model.w (max |difference| 0.5)' in err
+
+
+@pytest.mark.parametrize('var, value, needle', [
+    ('STEPS', '0', 'STEPS must be a positive integer'), ('GAMMAS', '0.1 big', 'GAMMAS must be numbers'),
+    ('SEEDS', '0,1', 'SEEDS must be integers'), ('EVAL_EVERY', '7', 'must divide BUDGET_MULT x STEPS (300)'),
+    ('DATASETS', 'cifar', 'DATASETS takes toy and/or mnist'), ('MNIST', '/nowhere', 'MNIST not found at /nowhere')])
+def test_study2_bad_variables_fail_in_one_line(tmp_path, var, value, needle):
+    # PYTHON=false: were a bad value let through, the first stage would fail at once instead of training
+    env = dict(os.environ, OUT=str(tmp_path / 'out'), PYTHON='false', DATASETS='toy mnist', MNIST=str(tmp_path))
+    env[var] = value
+    p = subprocess.run(['bash', os.path.join(HERE, 'experiments', 'study2.sh')], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.count('\n') == 1 and needle in p.stderr, p.stderr
+    assert not (tmp_path / 'out').exists()                                             # nothing started
