@@ -402,7 +402,8 @@ def tiny_vae_path(tmp_path_factory):
 
 def train_args(vae, out, *extra):
     return ['--vae', vae, '--depth', '1', '--image-size', '16', '--scales', '1,2,3,4', '--batch-size', '4',
-            '--out-dir', out, '--quiet', '--workers', '0', '--log-every', '1', '--sf-top-k', '16', *extra]
+            '--out-dir', out, '--quiet', '--workers', '0', '--log-every', '1', '--sf-top-k', '16', '--dtype', 'fp32',
+            *extra]
 
 
 def weights(path):
@@ -412,7 +413,7 @@ def weights(path):
 def test_resume_continues_exactly(tiny_vae_path, tmp_path):
     """SAR's default LR is constant below depth 12, so 3 steps, then 3 more with --resume, must give exactly
     the weights of 6 uninterrupted steps (data order, flips, scale lists and SF draws come from the step)."""
-    common = ('--mode', 'sar', '--ckpt-every', '100', '--sf-input', 'sample')
+    common = ('--mode', 'sar', '--ckpt-every', '100', '--sf-input', 'sample', '--flip')
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'a'), *common, '--steps', '6'))
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'b'), *common, '--steps', '3'))
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
@@ -445,7 +446,7 @@ def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
     """Flips are drawn per image from its place in the global batch, so they agree across world sizes; class
     dropout and drop-path are drawn per rank (turned off here)."""
     common = ('--steps', '3', '--scale-schedule', 'fixed', '--cond-drop', '0', '--drop-path', '0',
-              '--mode', 'sar', '--sf-input', 'argmax')
+              '--mode', 'sar', '--sf-input', 'argmax', '--flip')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     one = [sys.executable, 'sar.py', *train_args(tiny_vae_path, str(tmp_path / 'one'), *common)]
     two = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'sar.py',
@@ -553,7 +554,8 @@ def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
     sar.main(train_args(tiny_vae_path, out, '--steps', '1'))
     ck = os.path.join(out, 'ckpt.pt')
     sar.main(['--sample', '--ckpt', ck, '--classes', '1,3', '--num-samples', '3', '--top-k', '8', '--quiet',
-              '--save-npz', str(tmp_path / 's.npz'), '--trajectory', '--save-png', '--sample-batch', '4'])
+              '--save-npz', str(tmp_path / 's.npz'), '--trajectory', '--save-png', '--sample-batch', '4',
+              '--dtype', 'fp32'])
     with np.load(tmp_path / 's.npz') as z:
         arr, labels = z['arr_0'], z['labels']
     assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8 and labels.tolist() == [1, 1, 1, 3, 3, 3]
