@@ -2,7 +2,9 @@
 # The whole SAR recipe: tokenizer -> teacher-forcing pretraining -> SAR post-training -> sampling -> FID.
 #
 #   bash train.sh                      # the laptop pipeline on the built-in `toy` data (8.5 min on 2 CPU cores)
+#   DATA=data/mnist bash train.sh      # the same recipe on MNIST (or any small labelled set; 12 min)
 #   bash train.sh study                # the reproduction study: toy + MNIST, 8 variants x 3 seeds (docs/study.md)
+#   bash train.sh study2               # the second study: gamma, budget, from scratch (docs/study2.md)
 #   SMOKE=1 bash train.sh              # the same stages with tiny sizes (< 2 min; CI runs it)
 #   DATA=/path/imagenet/train VAE=FlexVAE.pth INIT=FlexVARd16-epo179.pth DEPTH=16 NPROC=8 bash train.sh
 #                                      # SAR post-training of the official FlexVAR-d16 with the official recipe,
@@ -28,6 +30,8 @@ SMOKE=${SMOKE:-0}
 
 # bash train.sh study: the reproduction study, see experiments/study.sh and docs/study.md
 if [ "${1:-}" = study ]; then exec bash experiments/study.sh; fi
+# bash train.sh study2: the second study (gamma sweep, budget, from scratch), see docs/study2.md
+if [ "${1:-}" = study2 ]; then exec bash experiments/study2.sh; fi
 DATA=${DATA:-toy}
 NPROC=${NPROC:-1}
 if [ -n "${INIT:-}" ] && [ -z "${DEPTH:-}" ]; then echo "error: INIT given: set DEPTH to its depth (16/20/24)" >&2; exit 2; fi
