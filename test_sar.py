@@ -1530,8 +1530,8 @@ def test_study2_summary_pairs_seeds_and_picks_the_best_gamma(tmp_path, capsys):
     assert {r['fid_minus_tf'] for r in get(part='budget', setting='sar_g0.1', step=120)} == {-2}
     assert get(part='sweep', setting='sar_all_g0.1')[0]['gamma'] == 0.1 and get(setting='tf')[0]['gamma'] is None
     assert {r['s_per_step'] for r in rows} == {2.0}                                    # 16 images / 8 per s
-    # 2 x 1.893 / sqrt(3) = 2.19
-    assert 'tf vs sar (gamma 0.01) differences over n = 3 seeds: 2.19' in out
+    # t(0.975, 2) x 1.893 / sqrt(3) = 4.303 x 1.093 = 4.70
+    assert 'tf vs sar (gamma 0.01) differences over n = 3 seeds: 4.70' in out
     from PIL import Image
     assert Image.open(tmp_path / 'plots' / 'fid_vs_gamma.png').size == (640, 400)      # one dataset: 1 panel
     assert Image.open(tmp_path / 'plots' / 'per_scale_ce.png').size == (640, 400)
