@@ -1031,6 +1031,25 @@ def test_npz_reader_nhw_and_nhwc(tmp_path):
         T.load_dataset(str(tmp_path / 'f.npz'), 16)
 
 
+def test_idx_folder_with_more_than_ten_classes(tmp_path):
+    """An IDX folder (EMNIST-style: 28 px, 12 classes here) gets one class per label id, not MNIST's 10, and is
+    padded to 32 px like MNIST; labels that skip an id are refused in one line."""
+    def write_idx(path, arr):  # the IDX format: 0, 0, type 0x08, ndim, big-endian sizes, the bytes
+        with open(path, 'wb') as f:
+            f.write(bytes([0, 0, 8, arr.ndim]) + b''.join(n.to_bytes(4, 'big') for n in arr.shape) + arr.tobytes())
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), np.arange(60, dtype=np.uint8) % 12
+    write_idx(tmp_path / 't10k-images-idx3-ubyte', images)
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte', labels)
+    tr, va = T.load_dataset(str(tmp_path), 32, 'train'), T.load_dataset(str(tmp_path), 32, 'val')
+    assert tr.num_classes == va.num_classes == 12 and len(tr) + len(va) == 60
+    x, y = tr[0]
+    assert x.shape == (3, 32, 32) and (x[:, :2] == -1).all() and 0 <= y < 12     # a black 2 px border
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte', (labels * 2).astype(np.uint8))   # ids 0, 2, 4, ...
+    with pytest.raises(T.UserError, match='every id used'):
+        T.load_dataset(str(tmp_path), 32, 'train')
+
+
 @pytest.mark.skipif(not os.path.isdir(MNIST), reason='MNIST not found: set MNIST=<folder with the IDX files>')
 def test_mnist_reader_split_and_padding():
     tr = T.load_dataset(MNIST, 32, 'train')

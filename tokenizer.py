@@ -778,7 +778,9 @@ def load_mnist(d, pairs, image_size, split, flip):
         images = np.concatenate([a[0] for a in arrays.values()])
         labels = np.concatenate([a[1] for a in arrays.values()])
         idx = pick_split(labels, split, round(0.2 * len(images)), d)
-    return ArrayImages(images, labels, idx, image_size, flip, [str(c) for c in range(10)], pad=True)
+    every = check_labels(np.concatenate([a[1] for a in arrays.values()]), d)  # both splits: the same K
+    names = [str(c) for c in range(int(every.max()) + 1)]                   # MNIST 10, EMNIST-style sets more
+    return ArrayImages(images, labels, idx, image_size, flip, names, pad=True)
 
 
 def is_image_name(name):
