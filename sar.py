@@ -502,7 +502,7 @@ def train(args, make_loss):
     log = open(os.path.join(args.out_dir, 'log.jsonl'), 'a') if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master or args.quiet, desc=args.mode)
     raw.train()
-    t0 = time.time()
+    t0, t0_step = time.time(), step                  # for images/s over the steps since the last log
     try:
         while step < args.steps:
             lr = lr_at(step, args.steps, args.lr, args.warmup_steps, args.lr_end, args.lr_hold)
@@ -541,11 +541,11 @@ def train(args, make_loss):
             if master and (step % args.log_every == 0 or step == args.steps):
                 rec = dict({k: v.item() for k, v in totals.items()}, loss=stats[0].item(),
                            step=step, lr=lr, grad_norm=stats[1].item(), scales=scales,
-                           imgs_per_s=args.log_every * args.batch_size / (time.time() - t0))
+                           imgs_per_s=(step - t0_step) * args.batch_size / (time.time() - t0))
                 rec.update(fp16_scale=scaler.get_scale()) if scaler else None
                 print(json.dumps(rec), file=log, flush=True)
                 tqdm.write(json.dumps({k: round(v, 5) if type(v) is float else v for k, v in rec.items()}))
-                t0 = time.time()
+                t0, t0_step = time.time(), step
             if step % args.ckpt_every == 0 or step == args.steps:
                 save(step)
     except KeyboardInterrupt:  # Ctrl-C keeps the finished steps: the weights are those after `step` steps

@@ -423,6 +423,17 @@ def test_resume_continues_exactly(tiny_vae_path, tmp_path):
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 6
 
 
+def test_images_per_second_counts_the_steps_since_the_last_log(tiny_vae_path, tmp_path, monkeypatch):
+    """A log at the last step (not a multiple of --log-every) divides by the steps run since the last log, not
+    by --log-every. A fake clock advances 10 s per reading: 2 steps of 4 images, then 1 step."""
+    clock = iter(range(0, 10000, 10))
+    monkeypatch.setattr(sar, 'time', type('Clock', (), {'time': staticmethod(lambda: float(next(clock)))}))
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'r'), '--steps', '3', '--log-every', '2'))
+    recs = [json.loads(line) for line in open(tmp_path / 'r' / 'log.jsonl')]
+    assert [r['step'] for r in recs] == [2, 3]
+    assert [r['imgs_per_s'] for r in recs] == [pytest.approx(2 * 4 / 10), pytest.approx(1 * 4 / 10)]
+
+
 def test_fp16_training_runs_with_the_official_scaler(tiny_vae_path, tmp_path):
     out = tmp_path / 'fp16'
     sar.main(train_args(tiny_vae_path, str(out), '--mode', 'sar', '--steps', '3', '--dtype', 'fp16'))
