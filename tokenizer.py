@@ -771,15 +771,15 @@ def load_mnist(d, pairs, image_size, split, flip):
     """MNIST IDX folder. With a 'train' and a 't10k' pair: train/val = those files. With one pair (e.g. the
     10k test split alone): a deterministic stratified 80/20 split (8,000 / 2,000)."""
     arrays = {p: (read_idx(i), read_idx(l).astype(np.int64)) for p, (i, l) in pairs.items()}
+    # the classes come from the labels of every file, so train and val agree on K (MNIST 10, EMNIST-style more)
+    every = check_labels(np.concatenate([a[1] for a in arrays.values()]), d)
     if 'train' in arrays and 't10k' in arrays and split != 'all':
         images, labels = arrays['train' if split == 'train' else 't10k']
         idx = np.arange(len(images))
     else:
-        images = np.concatenate([a[0] for a in arrays.values()])
-        labels = np.concatenate([a[1] for a in arrays.values()])
+        images, labels = np.concatenate([a[0] for a in arrays.values()]), every
         idx = pick_split(labels, split, round(0.2 * len(images)), d)
-    every = check_labels(np.concatenate([a[1] for a in arrays.values()]), d)  # both splits: the same K
-    names = [str(c) for c in range(int(every.max()) + 1)]                   # MNIST 10, EMNIST-style sets more
+    names = [str(c) for c in range(int(every.max()) + 1)]
     return ArrayImages(images, labels, idx, image_size, flip, names, pad=True)
 
 
