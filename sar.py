@@ -33,16 +33,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from tqdm import tqdm
 
-from tokenizer import (ArgumentParser, UserError, atomic_write, check_scales, check_writable, error_line,
-                       load_checkpoint, load_dataset, load_state_dict_strict, load_tokenizer, lr_at,
-                       parse_scales, save_atomic, save_image_grid, set_threads, step_batches, step_seed,
-                       to_uint8)
+from tokenizer import (ArgumentParser, Linear, UserError, atomic_write, check_scales, check_writable,
+                       error_line, linear, load_checkpoint, load_dataset, load_state_dict_strict,
+                       load_tokenizer, lr_at, parse_scales, save_atomic, save_image_grid, set_threads,
+                       step_batches, step_seed, to_uint8)
 
 OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680 tokens)
 LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop configuration (8x8 latent, L = 155)
 
 # --------------------------------------------------------------------------------------------------------
 # 1. attention and the AdaLN block (FlexVAR keeps VAR's blocks; names match the official state_dict)
+# Linear/linear: nn.Linear/F.linear, with fp32 CPU matmuls in oneDNN (2x MKL's on AMD CPUs; tokenizer.py)
 # --------------------------------------------------------------------------------------------------------
 class SelfAttention(nn.Module):
     """Multi-head attention on L2-normalised q and k with a learned per-head temperature.
@@ -53,16 +54,16 @@ class SelfAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer('zero_k_bias', torch.zeros(dim))  # k has no bias; the official file stores zeros
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x, attn_mask, cache=None):
         B, L, C = x.shape
-        qkv = F.linear(x, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        qkv = linear(x, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
         q, k, v = qkv.view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)    # each (B, H, L, 64)
         q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
         k = F.normalize(k, dim=-1)
@@ -87,10 +88,10 @@ class AdaLNBlock(nn.Module):
     def __init__(self, dim, heads, drop_path_rate, eps=1e-6):
         super().__init__()
         self.attn = SelfAttention(dim, heads)
-        self.ffn = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(approximate='tanh'),
-                                             fc2=nn.Linear(4 * dim, dim)))
+        self.ffn = nn.Sequential(OrderedDict(fc1=Linear(dim, 4 * dim), act=nn.GELU(approximate='tanh'),
+                                             fc2=Linear(4 * dim, dim)))
         self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x, cond_BC, attn_mask, cache=None):
@@ -105,7 +106,7 @@ class AdaLNBeforeHead(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x, cond_BC):
         scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, x.shape[-1]).unbind(2)
@@ -140,13 +141,13 @@ class FlexVAR(nn.Module):
                            codebook_dim=codebook_dim)
         self.depth, self.C, self.V, self.num_classes = depth, C, vocab_size, num_classes
         dpr = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
-        self.word_embed = nn.Linear(codebook_dim, C)
+        self.word_embed = Linear(codebook_dim, C)
         self.class_emb = nn.Embedding(num_classes + 1, C)       # row `num_classes` = the unconditional class
         self.pos_start = nn.Parameter(torch.empty(1, 1, C))
         self.pos_1LC = nn.Parameter(torch.empty(1, C, 32, 32))   # the learned 2-D position grid
         self.blocks = nn.ModuleList([AdaLNBlock(C, depth, r) for r in torch.linspace(0, dpr, depth).tolist()])
         self.head_nm = AdaLNBeforeHead(C)
-        self.head = nn.Linear(C, vocab_size)
+        self.head = Linear(C, vocab_size)
 
     def pos_embed(self, scales):
         """(1, L, C): the 32x32 grid area-pooled to every scale (pn = 1 gives the grid mean), row-major."""

@@ -287,6 +287,28 @@ def test_bf16_autocast_training_step_and_sampling():
     assert torch.isfinite(img).all() and img.shape == (2, 3, 16, 16)
 
 
+@pytest.mark.parametrize('shape', [(2, 5, 24), (7, 24)])
+@pytest.mark.parametrize('bias', [True, False])
+def test_onednn_linear_matches_float64_reference(shape, bias):
+    """tokenizer.linear (oneDNN for fp32 on x86 CPUs): output and the gradients of input, weight and bias
+    equal F.linear computed in float64, to fp32 rounding; under bf16 autocast it is F.linear itself."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(9, shape[-1], generator=g)
+    b = torch.randn(9, generator=g) if bias else None
+    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    y = tokenizer.linear(*leaves, *([None] if b is None else []))
+    assert ('_OneDNNLinear' in type(y.grad_fn).__name__) == tokenizer.ONEDNN_LINEAR
+    up = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad(y, leaves, up)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b) if t is not None]
+    ref = torch.nn.functional.linear(*ref_leaves, *([None] if b is None else []))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, up.double())
+    for got, want in zip((y, *grads), (ref, *ref_grads)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    with sar.autocast_ctx(torch.device('cpu'), 'bf16'):
+        assert tokenizer.linear(x, w, b).dtype == torch.bfloat16
+
 # ---------------------------------------------------------------------------------------------------------
 # training schedules and the official recipe
 # ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Reading order:
      official random crop; every dataset accepts ds[i] and ds[(i, seed)] (the seed fixes that item's
      random crop and flip)
   4. helpers the three scripts share: UserError, atomic writes, checkpoint loading, strict state_dict loading,
-     image rounding and grids, parsing of integer / scale lists, the learning-rate schedule
+     image rounding and grids, parsing of integer / scale lists, the learning-rate schedule, CPU threads and
+     the fp32 CPU Linear (oneDNN)
   5. the command line (get_parser, main)
 
 Images are float tensors in [-1, 1], shape (B, 3, H, W). A "scale" pn is the side of a pn x pn token map.
@@ -37,6 +38,7 @@ import math
 import operator
 import os
 import pickle
+import platform
 import sys
 import tempfile
 import time
@@ -1075,6 +1077,54 @@ def set_threads(n=0):
         time.sleep(0.005)
     torch.set_num_threads(n if n > 0 else max(1, cores - (sorted(busy)[len(busy) // 2] if busy else 0)))
     return torch.get_num_threads()
+
+
+# fp32 matmuls on the CPU. torch sends an fp32 nn.Linear to MKL's sgemm, which on AMD CPUs runs a generic
+# code path: on the 2-core AMD EPYC of the benchmarks, 100 GFLOP/s per core against 210 for oneDNN's AVX-512
+# kernel, which torch ships too (measured for the d16 shapes, forward and both backward products). linear()
+# runs the three products of an fp32 CPU Linear through oneDNN; everything else (autocast to bf16/fp16, CUDA,
+# CPUs that are not x86) keeps F.linear. Same math, fp32 rounding differs in the last bits only.
+ONEDNN_LINEAR = (torch.backends.mkldnn.is_available() and os.environ.get('SAR_ONEDNN', '1') != '0'
+                 and platform.machine().lower() in ('x86_64', 'amd64'))
+
+
+def _onednn_mm(a, b):
+    """a (M, K) @ b (N, K)^T -> (M, N) with oneDNN's fp32 matmul; strided (transposed) views are fine."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, 'none', [], '')
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, 'none', [], '')
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])                                                 # (M, N)
+        gx = _onednn_mm(g2, weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None  # g W
+        gw = _onednn_mm(g2.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None  # g^T x
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x, weight, bias=None):
+    """F.linear; in fp32 on an x86 CPU (no autocast) its forward and backward matmuls run in oneDNN (above).
+    SAR_ONEDNN=0 turns that off."""
+    if (ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu')):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) computed by linear() above."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 def error_line(e):
