@@ -34,16 +34,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from tokenizer import (ArgumentParser, Linear, UserError, atomic_write, check_scales, check_writable,
-                       error_line, linear, load_checkpoint, load_dataset, load_state_dict_strict,
-                       load_tokenizer, lr_at, parse_scales, save_atomic, save_image_grid, set_threads,
-                       step_batches, step_seed, to_uint8)
+                       error_line, keep_freed_memory, linear, load_checkpoint, load_dataset,
+                       load_state_dict_strict, load_tokenizer, lr_at, parse_scales, save_atomic,
+                       save_image_grid, set_threads, step_batches, step_seed, to_uint8)
 
 OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680 tokens)
 LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop configuration (8x8 latent, L = 155)
 
 # --------------------------------------------------------------------------------------------------------
 # 1. attention and the AdaLN block (FlexVAR keeps VAR's blocks; names match the official state_dict)
-# Linear/linear: nn.Linear/F.linear, with fp32 CPU matmuls in oneDNN (2x MKL's on AMD CPUs; tokenizer.py)
 # --------------------------------------------------------------------------------------------------------
 class SelfAttention(nn.Module):
     """Multi-head attention on L2-normalised q and k with a learned per-head temperature.
@@ -54,7 +53,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
+        self.mat_qkv = Linear(dim, 3 * dim, bias=False)   # nn.Linear; fp32 on CPU via oneDNN (tokenizer.py)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer('zero_k_bias', torch.zeros(dim))  # k has no bias; the official file stores zeros
@@ -784,7 +783,8 @@ def main(argv=None, make_loss=loss_for):
     """The command line (experiments/ train other losses through make_loss): one line `error: ...`."""
     try:
         args = resolve_args(get_parser().parse_args(argv))
-        set_threads()        # the cores other processes leave free, or $OMP_NUM_THREADS (tokenizer.py)
+        set_threads()          # the cores other processes leave free, or $OMP_NUM_THREADS (tokenizer.py)
+        keep_freed_memory()    # no page faults in every step (tokenizer.py)
         run_sampling(args) if args.sample else train(args, make_loss)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)

@@ -58,6 +58,7 @@ def timed(fn, sync, reps):
 def setup(args, drop_path_rate=None):
     """(device, tokenizer, FlexVAR with random weights): --vae, or the real FlexVAE architecture."""
     device = sar.setup_distributed(args.device)[2]
+    sar.keep_freed_memory()                                      # as sar.py does at start
     torch.manual_seed(args.seed)
     vae = sar.load_tokenizer(args.vae, device, args.trust_checkpoint) if args.vae else \
         VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
