@@ -1127,10 +1127,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
-    """F.linear; in fp32 on an x86 CPU (no autocast) its forward and backward matmuls run in oneDNN (above).
-    SAR_ONEDNN=0 turns that off."""
+    """F.linear; in fp32 on an x86 CPU (no autocast, not under torch.compile, which picks its own kernels) its
+    forward and backward matmuls run in oneDNN (above). SAR_ONEDNN=0 turns that off."""
     if (ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu')):
+            and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
