@@ -16,15 +16,14 @@
 # point 30 samples per class with fixed sampling seeds -> domain FID and class accuracy, and the exposure-bias
 # diagnostic on 300 held-out images.
 #
-#   MNIST=/path/to/mnist bash experiments/study2.sh     # (or: bash train.sh study2)   about 2.5 h on 2 cores
+#   MNIST=/path/to/mnist bash experiments/study2.sh     # (or: bash train.sh study2)   1 h 58 min on 2 cores
 #   SMOKE=1 bash experiments/study2.sh                  # tiny sizes, a few minutes; also checks the chunking
 #
-# Time, estimated (not measured) for 2 cores, two lanes of one thread, from a depth-4 step of batch 16 of about
-# 0.5 s with TF, 1.0 s with SAR and 1.3 s with all transitions, and about 40 s per evaluation. Per lane:
-# tokenizer, classifier and P about 10 min; sweep 17 min of training + 18 evaluations (12 min); budget 18-34 min
-# of training (2 or 3 settings x 3 seeds x 240 steps) + 24-36 evaluations (16-24 min); scratch 45 min of
-# training + 36 evaluations (24 min). In all 2.4-2.8 h; about 2 h if bf16 makes the steps 1.7x faster. To cut:
-# SCRATCH_STEPS=400 (-23 min), SCRATCH_EVERY=200 (-12 min), BUDGET_MULT=4 (-8 to -14 min).
+# Time, measured on 2 cores (AMD EPYC, bf16), two lanes of one thread: sweep 24 min, budget 32 min, scratch
+# 62 min, 1 h 58 min in all when P, tokenizer and classifier exist (train.sh's laptop recipe, about 12 min per
+# dataset, otherwise). A step of batch 16 takes about 0.33 s with TF, 0.72 s with SAR, 0.96 s with all
+# transitions; an evaluation point about 40 s. To cut:
+# SCRATCH_STEPS=400 (about -18 min), SCRATCH_EVERY=200 (-12 min), BUDGET_MULT=4 (about -8 min).
 #
 # Training runs in chunks: a curve is `--steps 120 --resume`, then `--steps 180 --resume`, ... on one folder,
 # and a budget run starts from the sweep run's checkpoint. That equals one uninterrupted run because the LR
