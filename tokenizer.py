@@ -774,7 +774,7 @@ def load_mnist(d, pairs, image_size, split, flip):
     """MNIST IDX folder. With a 'train' and a 't10k' pair: train/val = those files. With one pair (e.g. the
     10k test split alone): a deterministic stratified 80/20 split (8,000 / 2,000)."""
     arrays = {p: (read_idx(i), read_idx(l).astype(np.int64)) for p, (i, l) in pairs.items()}
-    # the classes come from the labels of every file, so train and val agree on K (MNIST 10, EMNIST-style more)
+    # the classes come from the labels of every file, so train and val agree on K (MNIST 10, EMNIST more)
     every = check_labels(np.concatenate([a[1] for a in arrays.values()]), d)
     if 'train' in arrays and 't10k' in arrays and split != 'all':
         images, labels = arrays['train' if split == 'train' else 't10k']
@@ -1084,8 +1084,9 @@ def keep_freed_memory():
     """Make glibc's malloc keep the memory it frees instead of handing it back to the OS: by default blocks
     above a few MB are mmap'd and unmapped when freed, and the heap's top is trimmed, so every training step
     faults its activations and gradients in again, page by page, zeroed by the kernel. In a d16 SAR step on
-    2 cores that was 0.4-0.7M page faults and about 15 % of the step; after this, none once the first step
-    has run (the process keeps its peak size). Called at start by tokenizer.py and sar.py; no-op elsewhere."""
+    2 cores that was 0.4-0.7M page faults and about a fifth of the step; after this, none once the first
+    steps have run (the process keeps its peak size). Called at start by tokenizer.py and sar.py; a no-op
+    where the C library is not glibc."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-4, 0)    # M_MMAP_MAX = 0: large blocks come from the heap too
@@ -1109,6 +1110,8 @@ def _onednn_mm(a, b):
 
 
 class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with the forward and both gradient products (g W, g^T x) in oneDNN."""
+
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
