@@ -287,27 +287,37 @@ def test_bf16_autocast_training_step_and_sampling():
     assert torch.isfinite(img).all() and img.shape == (2, 3, 16, 16)
 
 
-@pytest.mark.parametrize('shape', [(2, 5, 24), (7, 24)])
+@pytest.mark.parametrize('case', ['3d', '2d', 'strided', 'x_frozen'])
 @pytest.mark.parametrize('bias', [True, False])
-def test_onednn_linear_matches_float64_reference(shape, bias):
+def test_onednn_linear_matches_float64_reference(case, bias):
     """tokenizer.linear (oneDNN for fp32 on x86 CPUs): output and the gradients of input, weight and bias
-    equal F.linear computed in float64, to fp32 rounding; under bf16 autocast it is F.linear itself."""
+    equal F.linear computed in float64, to fp32 rounding, also for a transposed (strided) input and an input
+    without gradient (as word_embed's); the output takes in-place ops like nn.Linear's; under bf16 autocast
+    and for an empty input it is F.linear itself."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(*shape, generator=g), torch.randn(9, shape[-1], generator=g)
-    b = torch.randn(9, generator=g) if bias else None
-    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
-    y = tokenizer.linear(*leaves, *([None] if b is None else []))
-    assert ('_OneDNNLinear' in type(y.grad_fn).__name__) == tokenizer.ONEDNN_LINEAR
+    shape = {'3d': (2, 5, 24), '2d': (7, 24)}.get(case, (24, 7))
+    x = torch.randn(*shape, generator=g)
+    x = x.t() if shape == (24, 7) else x                     # 'strided', 'x_frozen': a transposed (7, 24) view
+    w, b = torch.randn(9, 24, generator=g), torch.randn(9, generator=g) if bias else None
+
+    def leaves(dtype):       # fresh leaves (x keeps its strides); x has no gradient in 'x_frozen'
+        return [t.detach().to(dtype).requires_grad_(t is not x or case != 'x_frozen') if t is not None else None
+                for t in (x, w, b)]
+    ours, ref = leaves(torch.float32), leaves(torch.float64)
+    y, y_ref = tokenizer.linear(*ours), torch.nn.functional.linear(*ref)
+    assert ('_OneDNNLinear' in repr(y.grad_fn.next_functions)) == tokenizer.ONEDNN_LINEAR
     up = torch.randn(y.shape, generator=g)
-    grads = torch.autograd.grad(y, leaves, up)
-    ref_leaves = [t.double().requires_grad_() for t in (x, w, b) if t is not None]
-    ref = torch.nn.functional.linear(*ref_leaves, *([None] if b is None else []))
-    ref_grads = torch.autograd.grad(ref, ref_leaves, up.double())
-    for got, want in zip((y, *grads), (ref, *ref_grads)):
+    wrt = [i for i, t in enumerate(ours) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, [ours[i] for i in wrt], up)
+    ref_grads = torch.autograd.grad(y_ref, [ref[i] for i in wrt], up.double())
+    for got, want in zip((y, *grads), (y_ref, *ref_grads)):
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    tokenizer.linear(*ours).add_(1.0).sum().backward()       # in place on the output, then backward
+    assert tokenizer.linear(torch.zeros(0, 24), w, b).shape == (0, 9)
     with sar.autocast_ctx(torch.device('cpu'), 'bf16'):
         assert tokenizer.linear(x, w, b).dtype == torch.bfloat16
+
 
 # ---------------------------------------------------------------------------------------------------------
 # training schedules and the official recipe
@@ -1509,7 +1519,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_repeated_large_tensors():
     default, kept = [[int(n) for n in subprocess.run([sys.executable, '-c', code, k], cwd=HERE, check=True,
                                                      capture_output=True, text=True).stdout.split()]
                      for k in '01']
-    assert min(default) > 4 * 16384 * 0.9 and kept[-1] < 1000, (default, kept)
+    assert kept[-1] * 20 < min(default), (default, kept)      # (transparent huge pages fault fewer, larger)
 
 
 def test_set_threads_uses_free_cores_and_respects_overrides(monkeypatch):

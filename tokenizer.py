@@ -1082,16 +1082,18 @@ def set_threads(n=0):
 
 def keep_freed_memory():
     """Make glibc's malloc keep the memory it frees instead of handing it back to the OS: by default blocks
-    above a few MB are mmap'd and unmapped when freed, and the heap's top is trimmed, so every training step
-    faults its activations and gradients in again, page by page, zeroed by the kernel. In a d16 SAR step on
-    2 cores that was 0.4-0.7M page faults and about a fifth of the step; after this, none once the first
-    steps have run (the process keeps its peak size). Called at start by tokenizer.py and sar.py; a no-op
-    where the C library is not glibc."""
+    above a threshold (128 KB, adapting up to 32 MB; always above 32 MB) are mmap'd and unmapped when freed,
+    and the heap's top is trimmed, so every training step faults its activations and gradients in again,
+    page by page, zeroed by the kernel. In a d16 SAR step on 2 cores that was 0.4-0.7M page faults and about
+    a fifth of the step; after this, none once the first steps have run (the process keeps its peak size).
+    Called at start by tokenizer.py and sar.py; a no-op where the C library is not glibc."""
+    if platform.libc_ver()[0] != 'glibc':
+        return
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-4, 0)    # M_MMAP_MAX = 0: large blocks come from the heap too
         libc.mallopt(-1, -1)   # M_TRIM_THRESHOLD = -1: never trim the heap
-    except (OSError, AttributeError):   # not glibc (macOS, Windows): nothing to do
+    except (OSError, AttributeError, TypeError):
         pass
 
 
@@ -1104,37 +1106,37 @@ ONEDNN_LINEAR = (torch.backends.mkldnn.is_available() and os.environ.get('SAR_ON
                  and platform.machine().lower() in ('x86_64', 'amd64'))
 
 
-def _onednn_mm(a, b):
-    """a (M, K) @ b (N, K)^T -> (M, N) with oneDNN's fp32 matmul; strided (transposed) views are fine."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, 'none', [], '')
+def _onednn_mm(a, b, bias=None):
+    """a (M, K) @ b (N, K)^T [+ bias] -> (M, N), oneDNN's fp32 matmul; strided (transposed) views are fine."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, 'none', [], '')
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with the forward and both gradient products (g W, g^T x) in oneDNN."""
+    """y = x W^T + b for a 2-D x (M, K); the forward and both gradient products (g W, g^T x) in oneDNN."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
         ctx.has_bias = bias is not None
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, 'none', [], '')
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return _onednn_mm(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, g):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):                                                               # g (M, N)
         x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])                                                 # (M, N)
-        gx = _onednn_mm(g2, weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None  # g W
-        gw = _onednn_mm(g2.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None  # g^T x
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gx = _onednn_mm(g, weight.t()) if ctx.needs_input_grad[0] else None             # g W
+        gw = _onednn_mm(g.t(), x.t()) if ctx.needs_input_grad[1] else None              # g^T x
+        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
 
 def linear(x, weight, bias=None):
     """F.linear; in fp32 on an x86 CPU (no autocast, not under torch.compile, which picks its own kernels) its
     forward and backward matmuls run in oneDNN (above). SAR_ONEDNN=0 turns that off."""
-    if (ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
+    if (ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and x.numel()
             and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
-        return _OneDNNLinear.apply(x, weight, bias)
+        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)             # (M, N), M = rows of x
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
