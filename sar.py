@@ -472,8 +472,8 @@ def train(args, make_loss):
     raw = build_model(args, vae, data.num_classes).to(device)
     loss_fn = make_loss(args, vae, raw.num_classes)
     opt = make_optimizer(raw, args.lr, args.weight_decay)
-    fp16 = args.dtype == 'fp16'                                  # the official AMP: see optimizer_step
-    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000) if fp16 else None
+    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000) \
+        if args.dtype == 'fp16' else None                        # the official AMP: see optimizer_step
     step = 0
     if args.resume and os.path.isfile(ckpt_path):  # exact: weights, Adam, scaler; the step is the RNG state
         ck = load_checkpoint(ckpt_path, args.trust_checkpoint)
@@ -481,8 +481,9 @@ def train(args, make_loss):
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler']) if scaler and ck.get('scaler') else None
         step = ck['step']
+    for block in raw.blocks if args.compile else []:  # per block, dynamic shapes: L changes every step
+        block.compile(dynamic=True)                    # and the student pass has its own (docs/design.md)
     model = DDP(raw, [device] if device.type == 'cuda' else None) if world > 1 else raw  # all-reduces grads
-    fwd = torch.compile(model) if args.compile else model
     if master:
         print(f"{args.mode}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(data)} images"
               f", batch {args.batch_size} = {world} x {micro} x {args.grad_accum}, {device}, step {step}")
@@ -520,7 +521,7 @@ def train(args, make_loss):
                 gt_idx, x_in = gt_tokens_and_inputs(vae, images, scales)
                 with nullcontext() if world == 1 or m == args.grad_accum - 1 else model.no_sync():
                     with autocast_ctx(device, args.dtype):
-                        loss, info = loss_fn(fwd, gt_idx, x_in, labels, scales, gen)
+                        loss, info = loss_fn(model, gt_idx, x_in, labels, scales, gen)
                     (scaler.scale(loss / args.grad_accum) if scaler else loss / args.grad_accum).backward()
                 for k, v in dict(info, loss=loss.detach()).items():   # the step's scalars, over micro-batches
                     if v.dim() == 0:
@@ -584,8 +585,7 @@ def build_model(args, vae, num_classes):
     model = FlexVAR(args.depth, V, num_classes, Cv, args.drop_path).init_weights(init_adaln_gamma=gates)
     if args.init:
         sd = extract_state_dict(load_checkpoint(args.init, args.trust_checkpoint))
-        depth = config_from_state_dict(sd)['depth']
-        if depth != args.depth:
+        if (depth := config_from_state_dict(sd)['depth']) != args.depth:
             raise UserError(f"--init {args.init} holds a depth-{depth} model but --depth is {args.depth}")
         load_state_dict_strict(model, sd, f"--init {args.init}")
     return model

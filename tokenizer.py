@@ -302,8 +302,9 @@ def load_tokenizer(path, device='cpu', trust=False):
         raise UserError(f"{path}: its tokenizer config {config} does not fit VQVAE ({e})") from None
     what = f"tokenizer {path}" + ("" if config else " (no 'config' in it: read as the official FlexVAE)")
     load_state_dict_strict(model, sd, what)
-    # channels-last convolutions: oneDNN (CPU) and cuDNN run them faster, with the same results
-    fmt = torch.channels_last if torch.device(device).type in ('cpu', 'cuda') else torch.preserve_format
+    # channels-last convolutions on CPU, where oneDNN runs them faster; on CUDA the GroupNorms would copy
+    # every activation back and forth (measured on an H200: encode 61 ms channels-last, 49 ms NCHW)
+    fmt = torch.channels_last if torch.device(device).type == 'cpu' else torch.preserve_format
     model.to(device, memory_format=fmt).eval().requires_grad_(False)
     for k in ('image_size', 'scales'):
         if k in ckpt:

@@ -61,7 +61,8 @@ def setup(args, drop_path_rate=None):
     sar.keep_freed_memory()                                      # as sar.py does at start
     torch.manual_seed(args.seed)
     vae = sar.load_tokenizer(args.vae, device, args.trust_checkpoint) if args.vae else \
-        VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last if
+                                                           device.type == 'cpu' else torch.preserve_format)
     V, Cv = vae.codebook().shape
     return device, vae, sar.FlexVAR(args.depth, V, 1000, Cv, drop_path_rate).init_weights().to(device)
 
@@ -72,7 +73,8 @@ def bench(args):
     opt = sar.make_optimizer(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11) if args.dtype == 'fp16' else None
     loss_fn = sar.loss_for(args, vae, model.num_classes)
-    fwd = torch.compile(model) if args.compile else model
+    for block in model.blocks if args.compile else []:   # as sar.py's training loop does it
+        block.compile(dynamic=True)
     B, scales = args.batch_size, list(args.scales)
     images = torch.rand(B, 3, args.image_size, args.image_size, device=device) * 2 - 1
     labels = torch.randint(0, model.num_classes, (B,), device=device)
@@ -84,7 +86,7 @@ def bench(args):
         gen = torch.Generator(device=device).manual_seed(i)
         gt_idx, x_in = sar.gt_tokens_and_inputs(vae, images, scales)
         with sar.autocast_ctx(device, args.dtype):
-            loss, _ = loss_fn(fwd, gt_idx, x_in, labels, scales, gen)
+            loss, _ = loss_fn(model, gt_idx, x_in, labels, scales, gen)
         (scaler.scale(loss) if scaler else loss).backward()
         sar.optimizer_step(model, opt, scaler, args.grad_clip)
 
