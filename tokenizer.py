@@ -285,6 +285,14 @@ class VQVAE(nn.Module):
         return self.decode(self.embed(idx, pn))
 
 
+def frozen_on(vae, device):
+    """The tokenizer moved to `device`, in eval mode, without gradients. Channels-last convolutions on CPU,
+    where oneDNN runs them faster; on CUDA the GroupNorms would copy every activation between layouts
+    (measured on an H200: encode 61 ms channels-last, 49 ms NCHW)."""
+    fmt = torch.channels_last if torch.device(device).type == 'cpu' else torch.preserve_format
+    return vae.to(device, memory_format=fmt).eval().requires_grad_(False)
+
+
 def load_tokenizer(path, device='cpu', trust=False):
     """Our checkpoint {'config', 'model', ...} or the official FlexVAE.pth {'model': state_dict} (then the
     real FlexVAE config) -> VQVAE in eval mode, frozen. Raises UserError for a missing or unreadable file, and
@@ -302,10 +310,7 @@ def load_tokenizer(path, device='cpu', trust=False):
         raise UserError(f"{path}: its tokenizer config {config} does not fit VQVAE ({e})") from None
     what = f"tokenizer {path}" + ("" if config else " (no 'config' in it: read as the official FlexVAE)")
     load_state_dict_strict(model, sd, what)
-    # channels-last convolutions on CPU, where oneDNN runs them faster; on CUDA the GroupNorms would copy
-    # every activation back and forth (measured on an H200: encode 61 ms channels-last, 49 ms NCHW)
-    fmt = torch.channels_last if torch.device(device).type == 'cpu' else torch.preserve_format
-    model.to(device, memory_format=fmt).eval().requires_grad_(False)
+    frozen_on(model, device)
     for k in ('image_size', 'scales'):
         if k in ckpt:
             setattr(model, k, ckpt[k])

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sar  # noqa: E402
-from tokenizer import VQVAE, UserError  # noqa: E402
+from tokenizer import VQVAE, UserError, frozen_on  # noqa: E402
 
 
 def train_flops_per_image(model, scales, args):
@@ -61,8 +61,7 @@ def setup(args, drop_path_rate=None):
     sar.keep_freed_memory()                                      # as sar.py does at start
     torch.manual_seed(args.seed)
     vae = sar.load_tokenizer(args.vae, device, args.trust_checkpoint) if args.vae else \
-        VQVAE().to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last if
-                                                           device.type == 'cpu' else torch.preserve_format)
+        frozen_on(VQVAE(), device)
     V, Cv = vae.codebook().shape
     return device, vae, sar.FlexVAR(args.depth, V, 1000, Cv, drop_path_rate).init_weights().to(device)
 
