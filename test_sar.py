@@ -1,9 +1,11 @@
 """Tests of sar.py and tokenizer.py. The fixture tests compare with tensors computed by the official code
 (tests/fixtures/flexvar_tiny.pt, see its README); the rest check invariants and closed forms."""
 
+import ast
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -725,6 +727,41 @@ def test_smoke_pipeline_train_sh(tmp_path):
     assert '| TF |' in r.stdout and '| SAR |' in r.stdout
     for f in ('samples_tf.npz', 'samples_sar.npz', 'eval_tf.json', 'eval_sar.json', 'sar/ckpt.pt'):
         assert os.path.isfile(tmp_path / 'smoke' / f), f
+    assert re.search(r'time per stage: tokenizer \d+ s, tf \d+ s, sar \d+ s, sampling_tf \d+ s', r.stdout)
+
+
+def imported_modules(path):
+    """The top-level names of every module a Python file imports (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path, encoding='utf-8').read(), path)):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split('.')[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split('.')[0])
+    return names
+
+
+def test_every_imported_package_is_declared():
+    """A module the project imports is the standard library, a file of the project, or a distribution
+    named in requirements.txt (pytest: the tests only). The import -> distribution map comes from the
+    installed packages' own metadata, so PIL counts as pillow. (The scripts in tests/fixtures that made the
+    fixtures from the official code are not run by anyone but a maintainer; their README names what they need.)"""
+    import importlib.metadata
+    files = [os.path.join(d, f) for d in (HERE, os.path.join(HERE, 'experiments'))
+             for f in sorted(os.listdir(d)) if f.endswith('.py')]
+    local = {os.path.basename(f)[:-3] for f in files}
+    reqs = [re.match(r'[A-Za-z0-9_.-]+', line.strip()).group(0).lower()
+            for line in open(os.path.join(HERE, 'requirements.txt')) if line.strip() and line[0] != '#']
+    assert {'torch', 'numpy', 'pillow', 'tqdm', 'scipy'} <= set(reqs), reqs
+    dists = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for f in files:
+        tests_only = os.path.basename(f).startswith('test_')
+        for name in imported_modules(f) - set(sys.stdlib_module_names) - local:
+            owners = {d.lower() for d in dists.get(name, [name])}
+            if not owners & (set(reqs) | ({'pytest'} if tests_only else set())):
+                undeclared.setdefault(name, []).append(os.path.relpath(f, HERE))
+    assert not undeclared, f"imported but not in requirements.txt: {undeclared}"
 
 
 # =========================================================================================================

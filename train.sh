@@ -6,6 +6,7 @@
 #   bash train.sh study                # the reproduction study: toy + MNIST, 8 variants x 3 seeds (docs/study.md)
 #   bash train.sh study2               # the second study: gamma, budget, from scratch (docs/study2.md)
 #   SMOKE=1 bash train.sh              # the same stages with tiny sizes (< 2 min; CI runs it)
+#   bash train.sh install              # only install what is missing (+ pytest for the tests)
 #   DATA=/path/imagenet/train VAE=FlexVAE.pth INIT=FlexVARd16-epo179.pth DEPTH=16 NPROC=8 bash train.sh
 #                                      # SAR post-training of the official FlexVAR-d16 with the official recipe,
 #                                      # then the 50,000-sample evaluation (add FID_REF=VIRTUAL_imagenet256_labeled.npz)
@@ -22,9 +23,15 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-python}
-# ---- install what is missing (the CPU wheel of torch on a machine without CUDA packages) ----
-$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0 || $PY -m pip install -q torch
+# ---- install what is missing: torch (the tested release, else any from 2.4 on), then requirements.txt ----
+$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0 || $PY -m pip install -q "torch>=2.4"
 $PY -c "import numpy, PIL, tqdm, scipy" 2>/dev/null || $PY -m pip install -q -r requirements.txt
+# bash train.sh install: only that, plus pytest for the tests (the README's install step; CI takes it too)
+if [ "${1:-}" = install ]; then
+  $PY -c "import pytest" 2>/dev/null || $PY -m pip install -q pytest
+  $PY -c "import torch, numpy, PIL, tqdm, scipy, pytest; print('installed: torch', torch.__version__)"
+  exit 0
+fi
 
 SMOKE=${SMOKE:-0}
 
@@ -58,51 +65,59 @@ mkdir -p "$OUT"
 RUN="$PY"
 [ "$NPROC" -gt 1 ] && RUN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
 COMMON="--data $DATA --depth $DEPTH --image-size $IMAGE_SIZE --scales $SCALES --batch-size $BATCH --quiet ${CROP:+--crop $CROP}"
-start=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - start ))s] $*"; }
+start=$(date +%s); stage_start=$start; stage=""; split=""
+# stamp NAME MESSAGE: a stage begins; the seconds of the one before go into the split printed at the end
+stamp() {
+  local now; now=$(date +%s)
+  [ -n "$stage" ] && split="$split$stage $((now - stage_start)) s, "
+  stage=$1; stage_start=$now; shift; echo "== [$((now - start))s] $*"
+}
 
 # ---- 1. tokenizer ----
 if [ -z "${VAE:-}" ]; then
   VAE=$OUT/tokenizer.pt
   if [ ! -f "$VAE" ]; then
-    stamp "training the tokenizer on $DATA -> $VAE"
+    stamp tokenizer "training the tokenizer on $DATA -> $VAE"
     $PY tokenizer.py --data "$DATA" --image-size "$IMAGE_SIZE" --scales "$SCALES" --out "$VAE" ${TOK_FLAGS:-}
   fi
 fi
 
 # ---- 2. teacher-forcing pretraining (skipped when INIT is given) ----
 if [ -z "${INIT:-}" ]; then
-  stamp "teacher-forcing pretraining, $TF_STEPS steps -> $OUT/tf/ckpt.pt"
+  stamp tf "teacher-forcing pretraining, $TF_STEPS steps -> $OUT/tf/ckpt.pt"
   $RUN sar.py --mode tf $COMMON --vae "$VAE" --steps "$TF_STEPS" --out-dir "$OUT/tf" --resume
   INIT=$OUT/tf/ckpt.pt
 fi
 
 # ---- 3. SAR post-training from that checkpoint ----
-stamp "SAR post-training, $SAR_STEPS steps from $INIT -> $OUT/sar/ckpt.pt"
+stamp sar "SAR post-training, $SAR_STEPS steps from $INIT -> $OUT/sar/ckpt.pt"
 $RUN sar.py --mode sar $COMMON --vae "$VAE" --init "$INIT" --steps "$SAR_STEPS" --out-dir "$OUT/sar" --resume
 
 # ---- 4. sampling of both checkpoints ----
 for name in tf sar; do
   ck=$([ "$name" = tf ] && echo "$INIT" || echo "$OUT/sar/ckpt.pt")
-  stamp "sampling $NUM_SAMPLES images per class from $ck"
+  stamp "sampling_$name" "sampling $NUM_SAMPLES images per class from $ck"
   $RUN sar.py --sample --ckpt "$ck" --vae "$VAE" --num-samples "$NUM_SAMPLES" ${CFG:+--cfg $CFG} --seed 0 \
     --save-npz "$OUT/samples_$name.npz" --out-dir "$OUT/samples_$name" --trajectory --quiet
 done
 
 # ---- 5. evaluation ----
 if [ "$DEPTH" -lt 12 ]; then  # offline: FID in the features of a small classifier trained on the data, + class accuracy
-  [ -f "$OUT/clf.pt" ] || { stamp "training the domain classifier"; $PY fid.py --train-classifier "$DATA" --out "$OUT/clf.pt" --image-size "$IMAGE_SIZE" ${CLF_FLAGS:-}; }
+  [ -f "$OUT/clf.pt" ] || { stamp classifier "training the domain classifier"; $PY fid.py --train-classifier "$DATA" --out "$OUT/clf.pt" --image-size "$IMAGE_SIZE" ${CLF_FLAGS:-}; }
   for name in tf sar; do
+    stamp "eval_$name" "evaluating the $name samples"
     $PY fid.py "$OUT/samples_$name.npz" "$DATA" --features "$OUT/clf.pt" --ref-split val --json "$OUT/eval_$name.json"
   done
 fi
 if [ -n "${FID_REF:-}" ]; then  # Inception FID/IS/precision/recall as the ADM evaluator (needs the Inception weights)
   for name in tf sar; do
+    stamp "inception_$name" "Inception FID of the $name samples"
     $PY fid.py "$OUT/samples_$name.npz" "$FID_REF" ${FID_WEIGHTS:+--weights $FID_WEIGHTS} --json "$OUT/inception_$name.json"
   done
 fi
 
-stamp "done"
+stamp done "done"
+echo "time per stage: ${split%, } (total $(( $(date +%s) - start )) s)"
 $PY - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
