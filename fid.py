@@ -1,7 +1,7 @@
 """
 FID, sFID, Inception Score, precision and recall as OpenAI's ADM evaluator computes them, in PyTorch only,
 plus a small domain classifier for FID on data far from ImageNet (MNIST, the toy set) and for offline use.
-Runs on its own (torch, numpy, pillow, tqdm); tokenizer.py is needed only for its dataset specs ('toy', an
+Runs on its own (torch, numpy, pillow, tqdm); data.py is needed only for its dataset specs ('toy', an
 MNIST folder, an .npz with 'images') and to train the domain classifier.
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --weights pt_inception-2015-12-05-6726825d.pth
@@ -12,7 +12,7 @@ MNIST folder, an .npz with 'images') and to train the domain classifier.
 Reading order:
   1. the FID Inception-v3 (TF "2015-12-05" graph as ported by pytorch-fid; same state_dict names), its weights
   2. preprocessing: TF1 bilinear resize to 299 + (x-128)/128 like the ADM graph (default), or pytorch-fid's
-  3. image inputs: a folder, an .npz of samples (arr_0 streamed), a stats file, or a tokenizer.py dataset spec
+  3. image inputs: a folder, an .npz of samples (arr_0 streamed), a stats file, or a data.py dataset spec
   4. metrics: Frechet distance, Inception Score, k-NN precision/recall
   5. evaluate(): the ADM evaluator's pipeline
   6. the domain classifier: training, features, domain_metrics()
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-try:  # the project's one error convention for bad input; fid.py also runs alone, without tokenizer.py
-    from tokenizer import ArgumentParser, UserError
+try:  # the project's one error convention for bad input; fid.py also runs alone, without common.py
+    from common import ArgumentParser, UserError
 except ImportError:
     class UserError(Exception):
         """Bad user input or data; main() prints it as one line `error: ...` and exits with 2."""
@@ -49,13 +49,15 @@ except ImportError:
 
 
 def atomic_write(path, write):
-    """write(f) to path.tmp, then rename over path: never a half-written file (as tokenizer.atomic_write)."""
+    """write(f) to path.tmp, fsync, then rename over path: never a half-written file (common.atomic_write)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -319,17 +321,19 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 
-def tokenizer_module(why):
-    """tokenizer.py, imported only where fid.py reads its dataset specs or trains the domain classifier."""
+def project_data(why):
+    """(load_dataset, to_uint8) of the project's data.py and common.py, imported only where fid.py reads a
+    dataset spec or trains the domain classifier."""
     try:
-        import tokenizer
+        from common import to_uint8
+        from data import load_dataset
     except ImportError as e:
-        raise UserError(f"{why} needs tokenizer.py of this project next to fid.py ({e})") from None
-    return tokenizer
+        raise UserError(f"{why} needs data.py and common.py of this project next to fid.py ({e})") from None
+    return load_dataset, to_uint8
 
 
 def to_rgb(img):
-    """Any PIL image -> 8-bit RGB, as tokenizer.py reads images: 16-bit grey rescaled (PIL's convert would
+    """Any PIL image -> 8-bit RGB, as data.py reads images: 16-bit grey rescaled (PIL's convert would
     clip it), palette and alpha flattened (alpha dropped), grey and CMYK converted."""
     if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
         a = np.asarray(img).astype(np.float64)
@@ -378,7 +382,7 @@ def npz_keys(path):
 
 
 def is_dataset_spec(path):
-    """Inputs that only tokenizer.load_dataset reads: 'toy', an MNIST IDX folder, an .npz with 'images'."""
+    """Inputs that only data.load_dataset reads: 'toy', an MNIST IDX folder, an .npz with 'images'."""
     if path == 'toy':
         return True
     if os.path.isdir(path):
@@ -519,14 +523,14 @@ class Images:
 
 
 def open_images(path, image_size=32, split='train'):
-    """Images from any input but a stats file. A dataset spec is loaded by tokenizer.py at image_size and
+    """Images from any input but a stats file. A dataset spec is loaded by data.py at image_size and
     turned back into uint8 (its [-1, 1] floats come from uint8, so this is exact)."""
     if not is_dataset_spec(path):
         return Images(path)
-    tok = tokenizer_module(f"reading the dataset {path!r}")
-    ds = tok.load_dataset(path, image_size, split=split)
+    load_dataset, to_uint8 = project_data(f"reading the dataset {path!r}")
+    ds = load_dataset(path, image_size, split=split)
     xs, ys = zip(*(ds[i] for i in range(len(ds))))
-    return Images(tok.to_uint8(torch.stack(xs)), labels=np.array(ys, np.int64))
+    return Images(to_uint8(torch.stack(xs)), labels=np.array(ys, np.int64))
 
 
 STAT_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s', 'acts')  # a stats file's arrays (acts: pool features, for P/R)
@@ -776,7 +780,7 @@ class DomainCNN(nn.Module):
 
 
 def resize_center_crop(img, size):
-    """Shorter side to size (PIL bicubic, antialiased), then the centre size x size: tokenizer.py's
+    """Shorter side to size (PIL bicubic, antialiased), then the centre size x size: data.py's
     image-folder resize, so samples and reference data are resized alike."""
     w, h = img.size
     s = size / min(w, h)
@@ -830,12 +834,12 @@ def single_thread(device):
 
 def train_classifier(data, out, image_size=32, steps=600, batch_size=64, lr=3e-3, width=16, seed=0,
                      device='cpu'):
-    """Train DomainCNN on a tokenizer.py dataset (its train split), report held-out accuracy, save to out."""
+    """Train DomainCNN on a data.py dataset (its train split), report held-out accuracy, save to out."""
     t0 = time.time()
     torch.manual_seed(seed)
-    sets, tok = {}, tokenizer_module("--train-classifier (it reads tokenizer.py's datasets)")
+    sets, (load_dataset, _) = {}, project_data("--train-classifier (it reads data.py's datasets)")
     for split, limit in (('train', steps * batch_size), ('val', None)):
-        ds = tok.load_dataset(data, image_size, split=split)
+        ds = load_dataset(data, image_size, split=split)
         # small data sets, held in memory and decoded once; never more training images than the steps will
         # draw (a short run on 'toy' would otherwise render all 20,000)
         idx = np.random.default_rng(seed).permutation(len(ds))[:limit] if limit and limit < len(ds) \
@@ -971,7 +975,7 @@ def build_parser():
     p.add_argument('ref', nargs='?',
                    help="reference: an ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0), a stats "
                         ".npz (--save-stats or pytorch-fid), an .npz with arr_0, a folder of images, or a "
-                        "dataset spec of tokenizer.py ('toy', an MNIST IDX folder, an .npz with 'images'), "
+                        "dataset spec of data.py ('toy', an MNIST IDX folder, an .npz with 'images'), "
                         "read at the samples' size")
     p.add_argument('--weights', metavar='PATH',
                    help=f"Inception weights ({FID_WEIGHTS_FILE}); default: the torch hub cache, else one "

@@ -33,10 +33,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from tqdm import tqdm
 
-from tokenizer import (ArgumentParser, Linear, UserError, atomic_write, check_scales, check_writable,
-                       error_line, keep_freed_memory, linear, load_checkpoint, load_dataset,
-                       load_state_dict_strict, load_tokenizer, lr_at, parse_scales, save_atomic,
-                       save_image_grid, set_threads, step_batches, step_seed, to_uint8)
+import cpu_speed                                 # CPU speed machinery, applied in one line (section 6)
+from common import (ArgumentParser, UserError, atomic_write, check_scales, check_writable, error_line,
+                    load_checkpoint, load_state_dict_strict, lr_at, parse_scales, save_atomic,
+                    save_image_grid, step_batches, step_seed, to_uint8)
+from data import load_dataset
+from tokenizer import load_tokenizer
 
 OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680 tokens)
 LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop configuration (8x8 latent, L = 155)
@@ -53,16 +55,16 @@ class SelfAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.mat_qkv = Linear(dim, 3 * dim, bias=False)   # nn.Linear; fp32 on CPU via oneDNN (tokenizer.py)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer('zero_k_bias', torch.zeros(dim))  # k has no bias; the official file stores zeros
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn_mask, cache=None):
         B, L, C = x.shape
-        qkv = linear(x, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        qkv = self.mat_qkv(x) + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))     # (B, L, 3C)
         q, k, v = qkv.view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)    # each (B, H, L, 64)
         q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
         k = F.normalize(k, dim=-1)
@@ -87,10 +89,10 @@ class AdaLNBlock(nn.Module):
     def __init__(self, dim, heads, drop_path_rate, eps=1e-6):
         super().__init__()
         self.attn = SelfAttention(dim, heads)
-        self.ffn = nn.Sequential(OrderedDict(fc1=Linear(dim, 4 * dim), act=nn.GELU(approximate='tanh'),
-                                             fc2=Linear(4 * dim, dim)))
+        self.ffn = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(approximate='tanh'),
+                                             fc2=nn.Linear(4 * dim, dim)))
         self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x, cond_BC, attn_mask, cache=None):
@@ -105,7 +107,7 @@ class AdaLNBeforeHead(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x, cond_BC):
         scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, x.shape[-1]).unbind(2)
@@ -140,13 +142,13 @@ class FlexVAR(nn.Module):
                            codebook_dim=codebook_dim)
         self.depth, self.C, self.V, self.num_classes = depth, C, vocab_size, num_classes
         dpr = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
-        self.word_embed = Linear(codebook_dim, C)
+        self.word_embed = nn.Linear(codebook_dim, C)
         self.class_emb = nn.Embedding(num_classes + 1, C)       # row `num_classes` = the unconditional class
         self.pos_start = nn.Parameter(torch.empty(1, 1, C))
         self.pos_1LC = nn.Parameter(torch.empty(1, C, 32, 32))   # the learned 2-D position grid
         self.blocks = nn.ModuleList([AdaLNBlock(C, depth, r) for r in torch.linspace(0, dpr, depth).tolist()])
         self.head_nm = AdaLNBeforeHead(C)
-        self.head = Linear(C, vocab_size)
+        self.head = nn.Linear(C, vocab_size)
 
     def pos_embed(self, scales):
         """(1, L, C): the 32x32 grid area-pooled to every scale (pn = 1 gives the grid mean), row-major."""
@@ -425,7 +427,7 @@ def setup_distributed(device_name):
 def autocast_ctx(device, dtype):
     """--dtype: auto = bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AVX512-BF16
     or AMX: 1.7x the fp32 steps/s of the laptop run on 2 cores), fp32 elsewhere (emulated bf16 is slower)."""
-    cpu_bf16 = device.type == 'cpu' and getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
+    cpu_bf16 = device.type == 'cpu' and cpu_speed.native_bf16()
     if dtype == 'fp32' or (dtype == 'auto' and device.type != 'cuda' and not cpu_bf16):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if dtype == 'fp16' else torch.bfloat16)
@@ -469,7 +471,7 @@ def train(args, make_loss):
     if len(data) < args.batch_size:
         raise UserError(f"{args.data} has {len(data)} training images, less than a batch ({args.batch_size})")
     torch.manual_seed(args.seed)
-    raw = build_model(args, vae, data.num_classes).to(device)
+    raw = cpu_speed.apply(build_model(args, vae, data.num_classes).to(device))  # threads, memory, kernels
     loss_fn = make_loss(args, vae, raw.num_classes)
     opt = make_optimizer(raw, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000) \
@@ -614,6 +616,7 @@ def run_sampling(args):
     r, r+world, ... and writes them into one shared memory-mapped array: 50,000 images never sit in memory."""
     rank, world, device = setup_distributed(args.device)
     model, vae, ours = load_for_sampling(args.ckpt, args.vae, device, args.trust_checkpoint)
+    model = cpu_speed.apply(model)                           # threads, memory, kernels (cpu_speed.py)
     scales = args.scales or (ours['scales'] if ours else list(OFFICIAL_SCALES))
     cfg = 1.5 if ours else {16: 2.2, 20: 2.6, 24: 3.3}.get(model.depth, 1.5)   # the official eval settings
     cfg = cfg if args.cfg is None else args.cfg
@@ -783,8 +786,6 @@ def main(argv=None, make_loss=loss_for):
     """The command line (experiments/ train other losses through make_loss): one line `error: ...`."""
     try:
         args = resolve_args(get_parser().parse_args(argv))
-        set_threads()          # the cores other processes leave free, or $OMP_NUM_THREADS (tokenizer.py)
-        keep_freed_memory()    # no page faults in every step (tokenizer.py)
         run_sampling(args) if args.sample else train(args, make_loss)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)

@@ -781,7 +781,7 @@ def test_help_documents_every_flag():
 
 
 def test_fid_py_runs_alone(synth, tmp_path):
-    # fid.py copied into an empty folder (no tokenizer.py): --help, and an Inception FID between two .npz
+    # fid.py copied into an empty folder (no data.py, common.py): --help, and an Inception FID between two .npz
     # files
     alone = tmp_path / 'alone'
     alone.mkdir()
@@ -794,7 +794,7 @@ def test_fid_py_runs_alone(synth, tmp_path):
                               timeout=300)
     site = [p for p in sys.path if p.endswith('-packages')]  # what the child imports besides its own folder
     assert os.listdir(alone) == ['fid.py']
-    assert importlib.machinery.PathFinder.find_spec('tokenizer', site) is None
+    assert all(importlib.machinery.PathFinder.find_spec(m, site) is None for m in ('tokenizer', 'data', 'common'))
     assert run('fid.py', '--help').returncode == 0
     rng = np.random.default_rng(20)
     a, b = (rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8) for _ in range(2))
@@ -810,9 +810,9 @@ def test_fid_py_runs_alone(synth, tmp_path):
     expect = fid.frechet_distance(*fid.gaussian_stats(pa), *fid.gaussian_stats(pb))
     assert expect > 0.1 and got['fid'] == pytest.approx(expect, rel=1e-4)
     assert got['is'] == pytest.approx(fid.inception_score(la)[0], rel=1e-4)
-    r = run('fid.py', 'a.npz', 'toy', '--weights', synth[2])  # a dataset spec needs tokenizer.py: one line
+    r = run('fid.py', 'a.npz', 'toy', '--weights', synth[2])  # a dataset spec needs data.py: one line
     assert r.returncode == 2 and r.stderr.strip().split('\n') == [r.stderr.strip()]
-    assert r.stderr.startswith("error: reading the dataset 'toy' needs tokenizer.py")
+    assert r.stderr.startswith("error: reading the dataset 'toy' needs data.py and common.py")
 
 
 def cli_error(tmp_path, capsys, *inputs):

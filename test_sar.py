@@ -2,6 +2,7 @@
 (tests/fixtures/flexvar_tiny.pt, see its README); the rest check invariants and closed forms."""
 
 import ast
+import copy
 import json
 import os
 import random
@@ -15,6 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+import common
+import cpu_speed
+import data
 import sar
 import tokenizer
 
@@ -43,7 +47,7 @@ def fixture_vae(fx):
 def fixture_var(fx):
     sd = sar.extract_state_dict(fx['var_state_dict'])
     model = sar.FlexVAR(**sar.config_from_state_dict(sd))
-    sar.load_state_dict_strict(model, sd, 'fixture')
+    common.load_state_dict_strict(model, sd, 'fixture')
     return model.eval()
 
 
@@ -292,7 +296,7 @@ def test_bf16_autocast_training_step_and_sampling():
 @pytest.mark.parametrize('case', ['3d', '2d', 'strided', 'x_frozen'])
 @pytest.mark.parametrize('bias', [True, False])
 def test_onednn_linear_matches_float64_reference(case, bias):
-    """tokenizer.linear (oneDNN for fp32 on x86 CPUs): output and the gradients of input, weight and bias
+    """cpu_speed.linear (oneDNN for fp32 on x86 CPUs): output and the gradients of input, weight and bias
     equal F.linear computed in float64, to fp32 rounding, also for a transposed (strided) input and an input
     without gradient (as word_embed's); the output takes in-place ops like nn.Linear's; under bf16 autocast
     and for an empty input it is F.linear itself."""
@@ -306,8 +310,10 @@ def test_onednn_linear_matches_float64_reference(case, bias):
         return [t.detach().to(dtype).requires_grad_(t is not x or case != 'x_frozen') if t is not None else None
                 for t in (x, w, b)]
     ours, ref = leaves(torch.float32), leaves(torch.float64)
-    y, y_ref = tokenizer.linear(*ours), torch.nn.functional.linear(*ref)
-    assert ('_OneDNNLinear' in repr(y.grad_fn.next_functions)) == tokenizer.ONEDNN_LINEAR
+    if not cpu_speed.ONEDNN_LINEAR:
+        pytest.skip("oneDNN linear is off on this machine (not x86, or SAR_ONEDNN=0)")
+    y, y_ref = cpu_speed.linear(*ours), torch.nn.functional.linear(*ref)
+    assert '_OneDNNLinear' in repr(y.grad_fn.next_functions)
     up = torch.randn(y.shape, generator=g)
     wrt = [i for i, t in enumerate(ours) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(y, [ours[i] for i in wrt], up)
@@ -315,10 +321,37 @@ def test_onednn_linear_matches_float64_reference(case, bias):
     for got, want in zip((y, *grads), (y_ref, *ref_grads)):
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
-    tokenizer.linear(*ours).add_(1.0).sum().backward()       # in place on the output, then backward
-    assert tokenizer.linear(torch.zeros(0, 24), w, b).shape == (0, 9)
+    cpu_speed.linear(*ours).add_(1.0).sum().backward()       # in place on the output, then backward
+    assert cpu_speed.linear(torch.zeros(0, 24), w, b).shape == (0, 9)
     with sar.autocast_ctx(torch.device('cpu'), 'bf16'):
-        assert tokenizer.linear(x, w, b).dtype == torch.bfloat16
+        assert cpu_speed.linear(x, w, b).dtype == torch.bfloat16
+
+
+def test_cpu_speed_apply_swaps_linears_and_falls_back_without_the_op(monkeypatch, capsys):
+    """apply() turns exactly the nn.Linear layers of a CPU model into FastLinear (state_dict and outputs
+    unchanged to fp32 rounding); when the private oneDNN op is missing (a future torch), one warning line and
+    the layers stay nn.Linear, so the model computes F.linear exactly."""
+    torch.manual_seed(0)
+    ref = sar.FlexVAR(depth=1, vocab_size=16, num_classes=3, codebook_dim=4).init_weights()
+    labels, x, scales = torch.tensor([0, 2]), torch.randn(2, 4 + 9, 4), [1, 2, 3]   # x: inputs of scales 2, 3
+    want = ref(labels, x, scales)
+    linears = [n for n, m in ref.named_modules() if type(m) is torch.nn.Linear]
+    monkeypatch.setattr(cpu_speed, '_ONEDNN_OK', None)
+    monkeypatch.setattr(cpu_speed, 'ONEDNN_LINEAR', True)
+    fast = cpu_speed.apply(copy.deepcopy(ref))
+    assert [n for n, m in fast.named_modules() if type(m) is cpu_speed.FastLinear] == linears
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    assert torch.allclose(fast(labels, x, scales), want, atol=1e-5)
+
+    def gone(*a):
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_linear_pointwise'")
+    monkeypatch.setattr(cpu_speed, '_onednn_mm', gone)
+    monkeypatch.setattr(cpu_speed, '_ONEDNN_OK', None)
+    kept = cpu_speed.apply(copy.deepcopy(ref))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'oneDNN linear kernel is not usable' in err[0] and 'F.linear' in err[0], err
+    assert not any(type(m) is cpu_speed.FastLinear for m in kept.modules())
+    assert torch.equal(kept(labels, x, scales), want)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -358,7 +391,7 @@ def test_the_full_scale_list_also_goes_through_the_random_drop():
 
 
 def test_lr_schedule_closed_form():
-    f = lambda s: sar.lr_at(s, 1000, 1.0, 100, 0.1, 0.05)
+    f = lambda s: common.lr_at(s, 1000, 1.0, 100, 0.1, 0.05)
     assert f(0) == pytest.approx(0.005) and f(50) == pytest.approx(0.005 + 0.995 * 0.5)
     assert f(100) == 1.0 and f(145) == 1.0                      # hold 5% of the 900 post-warm-up steps
     assert f(1000) == pytest.approx(0.1)
@@ -370,7 +403,7 @@ def test_official_sar_lr_per_depth(depth, first, last):
     """The LR of the first and last SAR step of the official runs (batch 768), computed with the official
     lin0 function at epoch 179/249/349 of 190/260/360 (values of the official code's effective schedule)."""
     o = opts('--mode', 'sar', '--depth', str(depth), '--batch-size', '768', '--steps', '100')
-    lrs = [sar.lr_at(s, o.steps, o.lr, o.warmup_steps, o.lr_end, o.lr_hold) for s in (0, o.steps)]
+    lrs = [common.lr_at(s, o.steps, o.lr, o.warmup_steps, o.lr_end, o.lr_hold) for s in (0, o.steps)]
     assert lrs[0] == pytest.approx(first, rel=0.02) and lrs[1] == pytest.approx(last, rel=0.02)
     tf = opts('--mode', 'tf', '--depth', str(depth), '--batch-size', '768')
     assert tf.lr == pytest.approx((8e-5 if depth == 24 else 1e-4) * 3) and tf.lr_end == (0.01 if depth == 24 else 0.1)
@@ -430,7 +463,7 @@ def test_fp16_overflow_step_is_skipped_and_the_scale_capped():
 def tiny_vae_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('vae') / 'vae.pt')
     v = small_vae(V=64)
-    tokenizer.save_atomic({'config': v.config, 'model': v.state_dict(), 'image_size': 16, 'scales': [1, 2, 3, 4]}, path)
+    common.save_atomic({'config': v.config, 'model': v.state_dict(), 'image_size': 16, 'scales': [1, 2, 3, 4]}, path)
     return path
 
 
@@ -546,8 +579,8 @@ def test_errors_missing_vae_and_bad_checkpoint(capsys, tiny_vae_path, tmp_path):
     sd = model.state_dict()
     sd.pop('head.bias')
     sd['extra.weight'] = torch.zeros(1)
-    with pytest.raises(sar.UserError, match='head.bias.*extra.weight'):
-        sar.load_state_dict_strict(model, sd, 'this file')
+    with pytest.raises(common.UserError, match='head.bias.*extra.weight'):
+        common.load_state_dict_strict(model, sd, 'this file')
 
 
 def test_error_batch_not_divisible_by_processes(capsys, tiny_vae_path, tmp_path):
@@ -610,8 +643,8 @@ def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
     for b in range(2):
         lab = torch.tensor(labels[b * 4:(b + 1) * 4])
         img = sar.sample(model, vae, lab, [1, 2, 3, 4], 1.5, 8, 0.95,
-                         torch.Generator().manual_seed(sar.step_seed(0, b)))
-        assert np.array_equal(sar.to_uint8(img), arr[b * 4:(b + 1) * 4])
+                         torch.Generator().manual_seed(common.step_seed(0, b)))
+        assert np.array_equal(common.to_uint8(img), arr[b * 4:(b + 1) * 4])
     assert os.path.isfile(os.path.join(out, 'samples.png')) and os.path.isfile(os.path.join(out, 'trajectory.png'))
     assert len(os.listdir(os.path.join(out, 'samples', '3'))) == 3
     assert not [f for f in os.listdir(out) if f.startswith('.') or f.endswith('.tmp')]
@@ -771,7 +804,6 @@ def test_every_imported_package_is_declared():
 
 import io
 import math
-import re
 import time
 
 import torch.nn.functional as F
@@ -838,7 +870,7 @@ def test_fixture_load_tokenizer_official_layout(fx, tmp_path):
     cfg = dict(codebook_size=c['codebook_size'], codebook_dim=c['codebook_embed_dim'],
                z_channels=c['z_channels'], ch=c['base_ch'], ch_mult=tuple(c['encoder_ch_mult']),
                num_res_blocks=c['num_res_blocks'])
-    T.save_atomic({'config': cfg, 'model': fx['vae_state_dict'], 'scales': [1, 2, 3, 5, 8],
+    common.save_atomic({'config': cfg, 'model': fx['vae_state_dict'], 'scales': [1, 2, 3, 5, 8],
                    'image_size': 128}, tmp_path / 'tok.pt')
     vae = T.load_tokenizer(tmp_path / 'tok.pt')
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
@@ -847,8 +879,8 @@ def test_fixture_load_tokenizer_official_layout(fx, tmp_path):
         torch.testing.assert_close(vae.encode_conti(fx['images']), fx['vae_h_conti'], atol=1e-4, rtol=0)
     # the official layout {'model': sd} without a config means the real FlexVAE: the tiny weights must not
     # fit, and the error names the offending keys
-    T.save_atomic({'model': fx['vae_state_dict']}, tmp_path / 'official.pt')
-    with pytest.raises(T.UserError) as e:
+    common.save_atomic({'model': fx['vae_state_dict']}, tmp_path / 'official.pt')
+    with pytest.raises(common.UserError) as e:
         T.load_tokenizer(tmp_path / 'official.pt')
     msg = str(e.value)
     assert 'mis-shaped' in msg and 'encoder.conv_in.weight' in msg and 'missing' in msg
@@ -937,13 +969,13 @@ def test_load_tokenizer_mismatch_lists_keys(tmp_path):
     sd = vae.state_dict()
     sd['extra.weight'] = torch.zeros(1)
     del sd['post_quant_conv.bias']
-    T.save_atomic({'config': vae.config, 'model': sd}, tmp_path / 'x.pt')
-    with pytest.raises(T.UserError) as e:
+    common.save_atomic({'config': vae.config, 'model': sd}, tmp_path / 'x.pt')
+    with pytest.raises(common.UserError) as e:
         T.load_tokenizer(tmp_path / 'x.pt')
     msg = str(e.value)
     assert '1 missing key(s): post_quant_conv.bias' in msg and '1 unexpected key(s): extra.weight' in msg, msg
     assert 'mis-shaped' not in msg and str(tmp_path / 'x.pt') in msg
-    with pytest.raises(T.UserError) as e:
+    with pytest.raises(common.UserError) as e:
         T.load_tokenizer(tmp_path / 'nope.pt')
     assert 'nope.pt' in str(e.value)
 
@@ -952,32 +984,32 @@ def test_load_tokenizer_mismatch_lists_keys(tmp_path):
 
 def test_save_atomic_and_load_checkpoint(tmp_path):
     p = tmp_path / 'sub' / 'ck.pt'
-    T.save_atomic({'step': 3, 'w': torch.arange(4)}, p)
+    common.save_atomic({'step': 3, 'w': torch.arange(4)}, p)
     assert os.listdir(p.parent) == ['ck.pt']  # no temporary file left behind
-    ck = T.load_checkpoint(p)
+    ck = common.load_checkpoint(p)
     assert ck['step'] == 3 and torch.equal(ck['w'], torch.arange(4))
     # a failing write keeps the previous file intact and removes the temporary file
     with pytest.raises(Exception):
-        T.save_atomic({'f': lambda: 0}, p)  # lambdas cannot be pickled
-    assert os.listdir(p.parent) == ['ck.pt'] and T.load_checkpoint(p)['step'] == 3
+        common.save_atomic({'f': lambda: 0}, p)  # lambdas cannot be pickled
+    assert os.listdir(p.parent) == ['ck.pt'] and common.load_checkpoint(p)['step'] == 3
     # objects outside the weights_only allow-list need the trust flag
     import argparse
-    T.save_atomic({'args': argparse.Namespace(a=1)}, p)
-    with pytest.raises(T.UserError, match='if you trust this file, pass --trust-checkpoint'):
-        T.load_checkpoint(p)
-    assert T.load_checkpoint(p, trust=True)['args'].a == 1
-    with pytest.raises(T.UserError, match='checkpoint not found: .*missing.pt'):
-        T.load_checkpoint(tmp_path / 'missing.pt')
+    common.save_atomic({'args': argparse.Namespace(a=1)}, p)
+    with pytest.raises(common.UserError, match='if you trust this file, pass --trust-checkpoint'):
+        common.load_checkpoint(p)
+    assert common.load_checkpoint(p, trust=True)['args'].a == 1
+    with pytest.raises(common.UserError, match='checkpoint not found: .*missing.pt'):
+        common.load_checkpoint(tmp_path / 'missing.pt')
     (tmp_path / 'notes.pt').write_text('hello, not a checkpoint')  # a text file, with or without trust
     for trust in (False, True):
-        with pytest.raises(T.UserError, match='notes.pt is not a checkpoint'):
-            T.load_checkpoint(tmp_path / 'notes.pt', trust=trust)
+        with pytest.raises(common.UserError, match='notes.pt is not a checkpoint'):
+            common.load_checkpoint(tmp_path / 'notes.pt', trust=trust)
 
 
 def test_save_image_grid(tmp_path):
     imgs = torch.full((5, 3, 4, 6), -1.0)
     imgs[1] = 1.0
-    T.save_image_grid(imgs, tmp_path / 'g.png', nrow=3)
+    common.save_image_grid(imgs, tmp_path / 'g.png', nrow=3)
     a = np.asarray(Image.open(tmp_path / 'g.png'))
     assert a.shape == (2 + 2 * (4 + 2), 2 + 3 * (6 + 2), 3)  # 2 rows x 3 columns with 2 px gaps
     assert (a[2:6, 2:8] == 0).all() and (a[2:6, 10:16] == 255).all()
@@ -987,10 +1019,10 @@ def test_save_image_grid(tmp_path):
 # ----------------------------------------------------------------------------- data
 
 def test_toy_dataset_deterministic_and_class_dependent():
-    a = T.load_dataset('toy', 32, 'train', seed=0)
-    b = T.load_dataset('toy', 32, 'train', seed=0)
-    c = T.load_dataset('toy', 32, 'train', seed=1)
-    v = T.load_dataset('toy', 32, 'val', seed=0)
+    a = data.load_dataset('toy', 32, 'train', seed=0)
+    b = data.load_dataset('toy', 32, 'train', seed=0)
+    c = data.load_dataset('toy', 32, 'train', seed=1)
+    v = data.load_dataset('toy', 32, 'val', seed=0)
     assert a.num_classes == 10 and len(a.class_names) == 10 and len(a) == len(a.labels) > len(v) > 0
     x0, y0 = a[123]
     assert x0.shape == (3, 32, 32) and x0.dtype == torch.float32 and -1 <= x0.min() and x0.max() <= 1
@@ -1007,7 +1039,7 @@ def test_toy_dataset_deterministic_and_class_dependent():
     assert acc > 0.8, acc
     # within-class variation: two samples of the same class differ noticeably
     assert (a[0][0] - a[10][0]).abs().mean() > 0.05
-    all_ = T.load_dataset('toy', 16, 'all')
+    all_ = data.load_dataset('toy', 16, 'all')
     assert len(all_) == len(a) + len(v) and all_[len(a)][0].shape == (3, 16, 16)
 
 
@@ -1037,7 +1069,7 @@ def make_folder(root):
 
 def test_image_folder_good_and_bad_files(tmp_path, capsys):
     good = make_folder(tmp_path)
-    ds = T.load_dataset(str(tmp_path), 16, 'all')
+    ds = data.load_dataset(str(tmp_path), 16, 'all')
     err = capsys.readouterr().err
     assert ds.class_names == ['ant', 'cat'] and ds.num_classes == 2  # sorted names -> ids
     assert 'skipped 3' in err and str(tmp_path) in err  # empty.png, notes.txt, fake.jpg found when listing
@@ -1064,16 +1096,16 @@ def test_image_folder_split_and_train_val_layout(tmp_path):
         os.makedirs(tmp_path / 'flat' / c)
         for i in range(20):
             Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'flat' / c / f'{i}.png')
-    tr = T.load_dataset(str(tmp_path / 'flat'), 8, 'train')
-    va = T.load_dataset(str(tmp_path / 'flat'), 8, 'val')
+    tr = data.load_dataset(str(tmp_path / 'flat'), 8, 'train')
+    va = data.load_dataset(str(tmp_path / 'flat'), 8, 'val')
     assert len(tr) + len(va) == 40 and len(va) == 2 and sorted(va.labels) == [0, 1]  # 5%, stratified
     assert not set(tr.files) & set(va.files)
-    assert va.files == T.load_dataset(str(tmp_path / 'flat'), 8, 'val').files  # deterministic
+    assert va.files == data.load_dataset(str(tmp_path / 'flat'), 8, 'val').files  # deterministic
     for s in ('train', 'val'):
         os.makedirs(tmp_path / 'tv' / s / 'k')
         Image.new('RGB', (8, 8)).save(tmp_path / 'tv' / s / 'k' / f'{s}.png')
-    assert T.load_dataset(str(tmp_path / 'tv'), 8, 'val').files[0].endswith('val.png')
-    assert len(T.load_dataset(str(tmp_path / 'tv'), 8, 'all')) == 2
+    assert data.load_dataset(str(tmp_path / 'tv'), 8, 'val').files[0].endswith('val.png')
+    assert len(data.load_dataset(str(tmp_path / 'tv'), 8, 'all')) == 2
 
 
 def test_missing_or_empty_dataset_names_path(tmp_path):
@@ -1082,12 +1114,12 @@ def test_missing_or_empty_dataset_names_path(tmp_path):
             os.makedirs(bad / 'cls')
         if bad.name == 'noimg':
             (bad / 'cls' / 'a.txt').write_text('x')
-        with pytest.raises(T.UserError) as e:
-            T.load_dataset(str(bad), 32)
+        with pytest.raises(common.UserError) as e:
+            data.load_dataset(str(bad), 32)
         assert str(bad) in str(e.value)
     (tmp_path / 'x.npz').write_bytes(b'junk')
-    with pytest.raises(T.UserError, match='x.npz is not a valid .npz'):
-        T.load_dataset(str(tmp_path / 'x.npz'), 32)
+    with pytest.raises(common.UserError, match='x.npz is not a valid .npz'):
+        data.load_dataset(str(tmp_path / 'x.npz'), 32)
 
 
 def test_npz_reader_nhw_and_nhwc(tmp_path):
@@ -1095,21 +1127,21 @@ def test_npz_reader_nhw_and_nhwc(tmp_path):
     nhw = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
     labels = np.arange(40) % 4
     np.savez(tmp_path / 'g.npz', images=nhw, labels=labels)
-    ds = T.load_dataset(str(tmp_path / 'g.npz'), 28, 'all')
+    ds = data.load_dataset(str(tmp_path / 'g.npz'), 28, 'all')
     x, y = ds[7]
     assert x.shape == (3, 28, 28) and y == 3 and ds.num_classes == 4
     # grey copied to all channels
     torch.testing.assert_close(x[1], torch.from_numpy(nhw[7]).float() / 127.5 - 1)
     nhwc = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / 'c.npz', images=nhwc, labels=labels)
-    ds = T.load_dataset(str(tmp_path / 'c.npz'), 16, 'all')
+    ds = data.load_dataset(str(tmp_path / 'c.npz'), 16, 'all')
     torch.testing.assert_close(ds[5][0], torch.from_numpy(nhwc[5]).permute(2, 0, 1).float() / 127.5 - 1)
-    assert T.load_dataset(str(tmp_path / 'c.npz'), 8, 'all')[0][0].shape == (3, 8, 8)  # resized
-    tr, va = (T.load_dataset(str(tmp_path / 'c.npz'), 16, s) for s in ('train', 'val'))
+    assert data.load_dataset(str(tmp_path / 'c.npz'), 8, 'all')[0][0].shape == (3, 8, 8)  # resized
+    tr, va = (data.load_dataset(str(tmp_path / 'c.npz'), 16, s) for s in ('train', 'val'))
     assert len(tr) + len(va) == 40 and len(va) == 2
     np.savez(tmp_path / 'f.npz', images=nhwc.astype(np.float32))
-    with pytest.raises(T.UserError, match='uint8'):
-        T.load_dataset(str(tmp_path / 'f.npz'), 16)
+    with pytest.raises(common.UserError, match='uint8'):
+        data.load_dataset(str(tmp_path / 'f.npz'), 16)
 
 
 def test_idx_folder_with_more_than_ten_classes(tmp_path):
@@ -1122,19 +1154,19 @@ def test_idx_folder_with_more_than_ten_classes(tmp_path):
     images, labels = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), np.arange(60, dtype=np.uint8) % 12
     write_idx(tmp_path / 't10k-images-idx3-ubyte', images)
     write_idx(tmp_path / 't10k-labels-idx1-ubyte', labels)
-    tr, va = T.load_dataset(str(tmp_path), 32, 'train'), T.load_dataset(str(tmp_path), 32, 'val')
+    tr, va = data.load_dataset(str(tmp_path), 32, 'train'), data.load_dataset(str(tmp_path), 32, 'val')
     assert tr.num_classes == va.num_classes == 12 and len(tr) + len(va) == 60
     x, y = tr[0]
     assert x.shape == (3, 32, 32) and (x[:, :2] == -1).all() and 0 <= y < 12     # a black 2 px border
     write_idx(tmp_path / 't10k-labels-idx1-ubyte', (labels * 2).astype(np.uint8))   # ids 0, 2, 4, ...
-    with pytest.raises(T.UserError, match='every id used'):
-        T.load_dataset(str(tmp_path), 32, 'train')
+    with pytest.raises(common.UserError, match='every id used'):
+        data.load_dataset(str(tmp_path), 32, 'train')
 
 
 @pytest.mark.skipif(not os.path.isdir(MNIST), reason='MNIST not found: set MNIST=<folder with the IDX files>')
 def test_mnist_reader_split_and_padding():
-    tr = T.load_dataset(MNIST, 32, 'train')
-    va = T.load_dataset(MNIST, 32, 'val')
+    tr = data.load_dataset(MNIST, 32, 'train')
+    va = data.load_dataset(MNIST, 32, 'val')
     assert (len(tr), len(va)) == (8000, 2000) and tr.num_classes == 10
     # stratified: each class has 20% of its test-split images in val (counts from the MNIST README)
     counts = np.array([980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
@@ -1143,7 +1175,7 @@ def test_mnist_reader_split_and_padding():
     assert x.shape == (3, 32, 32) and 0 <= y <= 9
     assert (x[:, :2, :] == -1).all() and (x[:, :, -2:] == -1).all()  # padded with black, not resized
     assert torch.equal(x[0], x[2]) and x.max() > 0.9
-    assert T.load_dataset(MNIST, 64, 'val')[0][0].shape == (3, 64, 64)
+    assert data.load_dataset(MNIST, 64, 'val')[0][0].shape == (3, 64, 64)
 
 
 # ----------------------------------------------------------------------------- CLI and training
@@ -1191,12 +1223,12 @@ TINY = ['--data', 'toy', '--image-size', '16', '--ch', '8', '--ch-mult', '1,2', 
 
 def test_train_smoke_checkpoint_and_resume(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / 'tok.pt')
-    lr_at, seen = T.lr_at, []
+    lr_at, seen = common.lr_at, []
     monkeypatch.setattr(T, 'lr_at', lambda *a, **k: seen.append((a, k)) or lr_at(*a, **k))
     T.main(TINY + ['--steps', '3', '--out', out])
     # the learning rate follows the shared 'lin0' schedule: warm-up 5% of the steps (at least 1), end at 10%
     assert seen == [((s, 3, 2e-3, 1), dict(end_frac=0.1, hold_frac=0.0)) for s in range(3)]
-    ck = T.load_checkpoint(out)
+    ck = common.load_checkpoint(out)
     assert ck['step'] == 3 and ck['scales'] == [1, 2, 4, 8] and ck['image_size'] == 16
     assert ck['config']['codebook_size'] == 16 and not os.path.exists(out + '.tmp')
     printed = capsys.readouterr().out
@@ -1205,7 +1237,7 @@ def test_train_smoke_checkpoint_and_resume(tmp_path, capsys, monkeypatch):
     w3 = ck['model']['decoder.conv_out.weight']
     T.main(TINY + ['--steps', '5', '--out', out, '--resume'])
     assert 'resumed' in capsys.readouterr().out
-    ck = T.load_checkpoint(out)
+    ck = common.load_checkpoint(out)
     assert ck['step'] == 5 and not torch.equal(ck['model']['decoder.conv_out.weight'], w3)
     vae = T.load_tokenizer(out)
     assert vae.scales == [1, 2, 4, 8] and vae.image_size == 16 and vae.downsample == 2
@@ -1248,7 +1280,7 @@ def test_kmeans_init_and_dead_code_restart():
 def test_to_uint8_one_rounding_rule():
     m = torch.arange(-8, 521)  # x = m / 256 - 1 is exact in float32; covers [-1, 1] and values to clamp
     x = (m.float() / 256 - 1).view(-1, 1, 1, 1).expand(-1, 3, 1, 2)
-    got = T.to_uint8(x)
+    got = common.to_uint8(x)
     xd = np.clip(m.numpy() / 256 - 1, -1, 1)
     want = np.floor((xd + 1) * 127.5 + 0.5).astype(np.uint8)  # torchvision save_image's rule, in float64
     assert got.shape == (len(m), 1, 2, 3) and got.dtype == np.uint8
@@ -1256,45 +1288,45 @@ def test_to_uint8_one_rounding_rule():
     assert got[m.tolist().index(256)].max() == 128  # x = 0 -> 127.5 -> 128
     # uint8 -> [-1, 1] (what the data readers return) -> uint8 is the identity
     a = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)
-    assert (T.to_uint8(T.to_tensor(a)[None])[0] == a).all()
+    assert (common.to_uint8(data.to_tensor(a)[None])[0] == a).all()
 
 
 def test_parse_ints_scales_and_check_scales():
-    assert T.parse_ints('1, 2,3', '--x') == [1, 2, 3] and T.parse_ints('4_8', '--x') == [4, 8]
+    assert common.parse_ints('1, 2,3', '--x') == [1, 2, 3] and common.parse_ints('4_8', '--x') == [4, 8]
     for bad in ('', '1,a', '0,1', '-2', '1.5'):
-        with pytest.raises(T.UserError, match='--ch-mult'):
-            T.parse_ints(bad, '--ch-mult')
-    assert T.parse_scales('1,2,4') == [1, 2, 4]
+        with pytest.raises(common.UserError, match='--ch-mult'):
+            common.parse_ints(bad, '--ch-mult')
+    assert common.parse_scales('1,2,4') == [1, 2, 4]
     for bad, why in (('4', 'at least two'), ('1,3,3', 'increasing'), ('2,1', 'increasing'),
                      ('1,x', 'integers')):
-        with pytest.raises(T.UserError, match=why) as e:
-            T.parse_scales(bad, '--sample-scales')
+        with pytest.raises(common.UserError, match=why) as e:
+            common.parse_scales(bad, '--sample-scales')
         assert '--sample-scales' in str(e.value)
-    T.check_scales([1, 2, 16], 16)
-    with pytest.raises(T.UserError, match='the finest scale must be <= 8'):
-        T.check_scales([1, 2, 16], 8)
+    common.check_scales([1, 2, 16], 16)
+    with pytest.raises(common.UserError, match='the finest scale must be <= 8'):
+        common.check_scales([1, 2, 16], 8)
 
 
 def test_lr_at_lin0_closed_form():
     peak = 2.0
-    assert T.lr_at(0, 100, peak, 10, 0.1, 0.0) == pytest.approx(0.005 * peak)
-    assert T.lr_at(5, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak * (0.005 + 0.995 * 0.5))
-    assert T.lr_at(10, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak)
-    assert T.lr_at(55, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak * (1 - 0.9 * 0.5))  # half-way down
-    assert T.lr_at(100, 100, peak, 10, 0.1, 0.0) == pytest.approx(0.1 * peak)
-    assert T.lr_at(50, 100, peak, 10, 0.1, 0.5) == pytest.approx(peak)  # inside the hold
-    assert T.lr_at(100, 100, peak, 10, 0.1, 0.5) == pytest.approx(0.1 * peak)
+    assert common.lr_at(0, 100, peak, 10, 0.1, 0.0) == pytest.approx(0.005 * peak)
+    assert common.lr_at(5, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak * (0.005 + 0.995 * 0.5))
+    assert common.lr_at(10, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak)
+    assert common.lr_at(55, 100, peak, 10, 0.1, 0.0) == pytest.approx(peak * (1 - 0.9 * 0.5))  # half-way down
+    assert common.lr_at(100, 100, peak, 10, 0.1, 0.0) == pytest.approx(0.1 * peak)
+    assert common.lr_at(50, 100, peak, 10, 0.1, 0.5) == pytest.approx(peak)  # inside the hold
+    assert common.lr_at(100, 100, peak, 10, 0.1, 0.5) == pytest.approx(0.1 * peak)
 
 
 def test_load_state_dict_strict_report():
     m = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(6)])  # 12 keys
     sd = {k: torch.full_like(v, 7.0) for k, v in m.state_dict().items()}
-    T.load_state_dict_strict(m, sd, 'x')
+    common.load_state_dict_strict(m, sd, 'x')
     assert (m[3].weight == 7).all()  # it did load
     sd = {f'extra.{i}': torch.zeros(1) for i in range(10)}
     sd['0.weight'] = torch.zeros(3, 2)
-    with pytest.raises(T.UserError) as e:
-        T.load_state_dict_strict(m, sd, 'ckpt.pt')
+    with pytest.raises(common.UserError) as e:
+        common.load_state_dict_strict(m, sd, 'ckpt.pt')
     msg = str(e.value)
     assert msg.startswith('ckpt.pt does not match the model: 11 missing key(s): 0.bias, 1.weight, 1.bias,'), \
         msg
@@ -1319,8 +1351,8 @@ def test_group_norm_of_a_single_value_is_its_bias():
 # ----------------------------------------------------------------------------- the official random crop
 
 def test_random_crop_short_side_distribution_and_box_halving(monkeypatch):
-    assert T.crop_side_range(256) == (256, 291) and T.crop_side_range(512) == (512, 582)  # ceil(S / 0.88)
-    assert T.crop_side_range(22) == (22, 25)  # 22 / 0.88 = 25 exactly: no extra pixel from float rounding
+    assert data.crop_side_range(256) == (256, 291) and data.crop_side_range(512) == (512, 582)  # ceil(S / 0.88)
+    assert data.crop_side_range(22) == (22, 25)  # 22 / 0.88 = 25 exactly: no extra pixel from float rounding
     calls = []
     resize = Image.Image.resize
 
@@ -1333,7 +1365,7 @@ def test_random_crop_short_side_distribution_and_box_halving(monkeypatch):
     sides = []
     for _ in range(1500):
         calls.clear()
-        assert T.random_crop(img, 64, rng).size == (64, 64)
+        assert data.random_crop(img, 64, rng).size == (64, 64)
         (src, dst, filt), = calls  # 70 < 2 x 64: no halving, one bicubic resize
         assert src == (90, 70) and filt == Image.BICUBIC and dst[0] == round(90 * dst[1] / 70)
         sides.append(dst[1])
@@ -1342,7 +1374,7 @@ def test_random_crop_short_side_distribution_and_box_halving(monkeypatch):
     # a large input is first halved with BOX while its short side is >= 2 x the drawn side, then bicubic
     for seed in range(4):
         calls.clear()
-        T.random_crop(Image.new('RGB', (2100, 1500)), 256, np.random.default_rng(seed))
+        data.random_crop(Image.new('RGB', (2100, 1500)), 256, np.random.default_rng(seed))
         s = calls[-1][1][1]
         expect, (w, h) = [], (2100, 1500)
         while h >= 2 * s:
@@ -1358,7 +1390,7 @@ def test_random_crop_dataset_seeded_and_val_centre(tmp_path):
         os.makedirs(tmp_path / c)
         for i in range(10):
             Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / c / f'{i}.png')
-    tr = T.load_dataset(str(tmp_path), 32, 'train', crop='random')
+    tr = data.load_dataset(str(tmp_path), 32, 'train', crop='random')
     x, y = tr[(3, 123)]
     assert x.shape == (3, 32, 32) and y == tr.labels[3]
     torch.manual_seed(5)
@@ -1371,18 +1403,18 @@ def test_random_crop_dataset_seeded_and_val_centre(tmp_path):
     torch.manual_seed(1)
     assert torch.equal(tr[3][0], b)  # without a seed: torch's RNG (which DataLoader seeds per worker)
     # the val split always uses the centre crop
-    va = T.load_dataset(str(tmp_path), 32, 'val', crop='random')
-    centre = T.load_dataset(str(tmp_path), 32, 'val')
+    va = data.load_dataset(str(tmp_path), 32, 'val', crop='random')
+    centre = data.load_dataset(str(tmp_path), 32, 'val')
     assert torch.equal(va[(0, 1)][0], va[(0, 2)][0]) and torch.equal(va[0][0], centre[0][0])
     # the other datasets accept (i, seed) and have no random crop; with flip the seed decides the flip
-    toy = T.load_dataset('toy', 16, 'val')
+    toy = data.load_dataset('toy', 16, 'val')
     assert torch.equal(toy[(4, 99)][0], toy[4][0])
-    flip = T.load_dataset('toy', 16, 'val', flip=True)
+    flip = data.load_dataset('toy', 16, 'val', flip=True)
     assert torch.equal(flip[(4, 3)][0], flip[(4, 3)][0])
     assert {flip[(4, s)][0].numpy().tobytes() for s in range(16)} == \
         {toy[4][0].numpy().tobytes(), toy[4][0].flip(-1).numpy().tobytes()}
-    with pytest.raises(T.UserError, match='crop'):
-        T.load_dataset('toy', 16, crop='corner')
+    with pytest.raises(common.UserError, match='crop'):
+        data.load_dataset('toy', 16, crop='corner')
 
 
 def test_512px_latent_is_32x32_and_every_scale_is_area_pooled(tmp_path):
@@ -1391,7 +1423,7 @@ def test_512px_latent_is_32x32_and_every_scale_is_area_pooled(tmp_path):
     os.makedirs(tmp_path / 'k')
     img = np.random.default_rng(0).integers(0, 256, (600, 700, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / 'k' / 'a.png')
-    x = T.load_dataset(str(tmp_path), 512, 'all', crop='random')[(0, 3)][0][None]
+    x = data.load_dataset(str(tmp_path), 512, 'all', crop='random')[(0, 3)][0][None]
     assert x.shape == (1, 3, 512, 512)
     vae = small_tok(ch=8, ch_mult=(1, 1, 1, 1, 1), z_channels=8)
     assert vae.downsample == 16
@@ -1453,8 +1485,8 @@ def test_training_split_smaller_than_a_batch_is_refused(tmp_path, capsys):
     (np.array([1000, 1001, 1002, 1003, 1000, 1001]), 'remap them to 0..3')])
 def test_npz_labels_are_validated(tmp_path, capsys, labels, needle):
     np.savez(tmp_path / 'l.npz', images=np.zeros((6, 8, 8), np.uint8), labels=labels)
-    with pytest.raises(T.UserError, match=re.escape(needle)):
-        T.load_dataset(str(tmp_path / 'l.npz'), 8, 'all')
+    with pytest.raises(common.UserError, match=re.escape(needle)):
+        data.load_dataset(str(tmp_path / 'l.npz'), 8, 'all')
     err = tok_error(capsys, TINY + ['--data', str(tmp_path / 'l.npz'), '--out', str(tmp_path / 'o.pt')])
     assert needle in err and 'l.npz' in err and not os.path.exists(tmp_path / 'o.pt')
 
@@ -1471,7 +1503,7 @@ def test_one_image_val_split_and_unwritable_out(tmp_path, capsys):
         for i in range(10):
             colour = (25 * i, 200 if c == 'a' else 0, 50)
             Image.new('RGB', (20, 18), colour).save(tmp_path / 'd' / c / f'{i}.png')
-    assert len(T.load_dataset(str(tmp_path / 'd'), 16, 'val')) == 1
+    assert len(data.load_dataset(str(tmp_path / 'd'), 16, 'val')) == 1
     out = tmp_path / 'tok.pt'
     T.main(TINY + ['--data', str(tmp_path / 'd'), '--steps', '2', '--ae-warmup', '0', '--workers', '0',
                    '--out', str(out)])
@@ -1490,7 +1522,7 @@ def test_one_image_val_split_and_unwritable_out(tmp_path, capsys):
 
 def test_unreadable_image_warned_once_across_epochs_and_workers(tmp_path, capfd):
     make_folder(tmp_path)
-    ds = T.load_dataset(str(tmp_path), 16, 'all')
+    ds = data.load_dataset(str(tmp_path), 16, 'all')
     capfd.readouterr()
     for _ in range(2):  # two epochs, each with fresh worker processes
         for _ in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2):
@@ -1520,7 +1552,7 @@ def test_empty_class_folder_is_ignored_and_val_takes_train_ids(tmp_path, capsys)
     for c in ('a', 'c'):
         for i in range(3):
             Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'f' / c / f'{i}.png')
-    ds = T.load_dataset(str(tmp_path / 'f'), 8, 'all')
+    ds = data.load_dataset(str(tmp_path / 'f'), 8, 'all')
     err = capsys.readouterr().err.strip().splitlines()
     assert ds.class_names == ['a', 'c'] and ds.num_classes == 2 and sorted(set(ds.labels)) == [0, 1]
     assert len(err) == 1 and err[0].startswith('warning:') and 'b_empty' in err[0], err
@@ -1529,7 +1561,7 @@ def test_empty_class_folder_is_ignored_and_val_takes_train_ids(tmp_path, capsys)
         for c in classes:
             os.makedirs(tmp_path / 'tv' / split / c)
             Image.new('RGB', (8, 8)).save(tmp_path / 'tv' / split / c / '0.png')
-    va = T.load_dataset(str(tmp_path / 'tv'), 8, 'val')
+    va = data.load_dataset(str(tmp_path / 'tv'), 8, 'val')
     assert va.class_names == ['a', 'b'] and va.labels == [1]
 
 
@@ -1547,8 +1579,8 @@ def test_keep_freed_memory_stops_the_page_faults_of_repeated_large_tensors():
     """By default glibc unmaps a freed 64 MB block, so every new one faults its 16,384 pages in again; after
     keep_freed_memory() the heap settles within a few rounds of the same tensors and then reuses its memory
     (page faults counted by the kernel, in a fresh process each; 8 rounds of 4 x 64 MB)."""
-    code = ("import resource, sys, torch, tokenizer\n"
-            "tokenizer.keep_freed_memory() if sys.argv[1] == '1' else None\n"
+    code = ("import resource, sys, torch, cpu_speed\n"
+            "cpu_speed.keep_freed_memory() if sys.argv[1] == '1' else None\n"
             "for _ in range(8):\n"
             "    f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "    ts = [torch.ones(16 << 20) for _ in range(4)]\n"
@@ -1563,13 +1595,13 @@ def test_keep_freed_memory_stops_the_page_faults_of_repeated_large_tensors():
 def test_set_threads_uses_free_cores_and_respects_overrides(monkeypatch):
     before = torch.get_num_threads()
     try:
-        assert tokenizer.set_threads(1) == 1                       # an explicit count wins
+        assert cpu_speed.set_threads(1) == 1                       # an explicit count wins
         monkeypatch.setenv('OMP_NUM_THREADS', '1')
         torch.set_num_threads(3)
-        assert tokenizer.set_threads() == 3                        # $OMP_NUM_THREADS: left to torch
+        assert cpu_speed.set_threads() == 3                        # $OMP_NUM_THREADS: left to torch
         monkeypatch.delenv('OMP_NUM_THREADS')
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        assert 1 <= tokenizer.set_threads() <= cores               # the free cores, at least one
+        assert 1 <= cpu_speed.set_threads() <= cores               # the free cores, at least one
     finally:
         torch.set_num_threads(before)
 

@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sar  # noqa: E402
-from tokenizer import VQVAE, UserError, frozen_on  # noqa: E402
+import cpu_speed  # noqa: E402
+from common import UserError  # noqa: E402
+from tokenizer import VQVAE, frozen_on  # noqa: E402
 
 
 def train_flops_per_image(model, scales, args):
@@ -58,12 +60,12 @@ def timed(fn, sync, reps):
 def setup(args, drop_path_rate=None):
     """(device, tokenizer, FlexVAR with random weights): --vae, or the real FlexVAE architecture."""
     device = sar.setup_distributed(args.device)[2]
-    sar.keep_freed_memory()                                      # as sar.py does at start
     torch.manual_seed(args.seed)
     vae = sar.load_tokenizer(args.vae, device, args.trust_checkpoint) if args.vae else \
         frozen_on(VQVAE(), device)
     V, Cv = vae.codebook().shape
-    return device, vae, sar.FlexVAR(args.depth, V, 1000, Cv, drop_path_rate).init_weights().to(device)
+    model = sar.FlexVAR(args.depth, V, 1000, Cv, drop_path_rate).init_weights().to(device)
+    return device, vae, cpu_speed.apply(model)              # threads, memory, kernels: as sar.py does
 
 
 def bench(args):

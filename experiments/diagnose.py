@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sar  # noqa: E402
-from tokenizer import UserError, atomic_write, check_writable, load_dataset  # noqa: E402
+from common import UserError, atomic_write, check_writable, step_seed  # noqa: E402
+from data import load_dataset  # noqa: E402
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def diagnose(args):
     from tqdm import tqdm
     for b, (images, labels) in enumerate(tqdm(loader, disable=args.quiet, desc='diagnose')):
         images, labels = images.to(device), labels.to(device)
-        gen = torch.Generator(device=device).manual_seed(sar.step_seed(args.seed, b))
+        gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, b))
         with torch.no_grad(), sar.autocast_ctx(device, args.dtype):
             gt_idx, x_in = sar.gt_tokens_and_inputs(vae, images, scales)
             logits = model(labels, x_in, scales)

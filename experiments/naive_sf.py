@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sar  # noqa: E402
-import tokenizer  # noqa: E402
+from common import ArgumentParser, UserError  # noqa: E402
 
 
 @torch.no_grad()
@@ -88,14 +88,14 @@ class NaiveSFLoss:
 
 
 def main(argv=None):
-    p = tokenizer.ArgumentParser(description=__doc__.split('\n\n')[1], add_help=False,
+    p = ArgumentParser(description=__doc__.split('\n\n')[1], add_help=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--schedule', choices=['full', 'alternate', 'interleave', 'hybrid'], default='full',
                    help="which inputs come from the model's own rollout (Table 3)")
     p.add_argument('--hybrid-k', type=int, default=4, help="hybrid@k: sides <= k stay teacher-forced")
     try:
         own, rest = p.parse_known_args(argv)
-    except tokenizer.UserError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if '-h' in rest or '--help' in rest:
