@@ -1713,3 +1713,56 @@ def test_study2_bad_variables_fail_in_one_line(tmp_path, var, value, needle):
                        text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.count('\n') == 1 and needle in p.stderr, p.stderr
     assert not (tmp_path / 'out').exists()                                             # nothing started
+
+
+# --------------------------------------------------------------------------------------------------------
+# experiments/official_timing.py: the official side of docs/benchmarks.md, same flags and JSON keys as bench.py
+# --------------------------------------------------------------------------------------------------------
+OFFICIAL = os.path.join(HERE, '..', 'shared', 'peer', 'official')    # a clone of GengzeZhou/SAR, if present
+TINY_TIMING = ['--device', 'cpu', '--depth', '1', '--batch-size', '2', '--image-size', '32', '--scales', '1,2',
+               '--dtype', 'fp32', '--bench-steps', '2']
+
+
+def official_timing(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, 'experiments', 'official_timing.py'), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('where', ['absent', 'no_such_folder', 'not_a_clone'])
+def test_official_timing_bad_path_fails_in_one_line(tmp_path, where):
+    (tmp_path / 'trainer.py').write_text('')                    # one official file is not a clone
+    flag = {'absent': [], 'no_such_folder': ['--official', str(tmp_path / 'nowhere')],
+            'not_a_clone': ['--official', str(tmp_path)]}[where]
+    p = official_timing(*flag, *TINY_TIMING)
+    assert p.returncode == 2 and p.stdout == '', p.stderr
+    assert p.stderr.startswith('error: ') and p.stderr.count('\n') == 1 and '--official' in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize('mode', [['--mode', 'tf'], ['--sampling']])
+def test_official_timing_prints_the_keys_of_bench(tmp_path, capsys, mode):
+    if not os.path.isfile(os.path.join(OFFICIAL, 'trainer.py')):
+        pytest.skip(f"no clone of the official SAR code at {OFFICIAL}")
+    p = official_timing('--official', OFFICIAL, *TINY_TIMING, *mode)
+    assert p.returncode == 0, p.stderr
+    theirs = json.loads(p.stdout.strip().splitlines()[-1])
+    ours = bench.main([*TINY_TIMING, *mode])
+    capsys.readouterr()
+    assert list(theirs) == list(ours) and (theirs['side'], ours['side']) == ('official', 'ours')
+    same = ['depth', 'batch', 'scales', 'device', 'dtype'] + (['params_M', 'mode'] if 'tf' in mode else ['cfg'])
+    assert {k: theirs[k] for k in same} == {k: ours[k] for k in same}      # same configuration, same model size
+    assert theirs['ms_per_step' if 'tf' in mode else 's_per_batch'] > 0
+    import ratio
+    for side, res in (('ours', ours), ('official', theirs)):
+        (tmp_path / side).write_text(f"step 0: 1.0 ms\n{json.dumps(res)}\n")
+    key = 'ms_per_step' if 'tf' in mode else 's_per_batch'
+    assert ratio.main([str(tmp_path / 'official'), str(tmp_path / 'ours')])[key] == \
+        pytest.approx(ours[key] / theirs[key], rel=1e-2, abs=1e-3)
+
+
+def test_official_timing_counts_the_flops_of_bench():
+    import official_timing                  # the MFU of both sides must divide the same model FLOPs
+    m = sar.FlexVAR(2, 64, 1000, 32)
+    for flags in (['--mode', 'tf'], ['--mode', 'sar', '--sf-input', 'cfg'], ['--mode', 'sar', '--sf-input', 'argmax']):
+        args = opts('--depth', '2', *flags)
+        assert official_timing.train_flops_per_image(m.C, m.depth, m.V, [1, 2, 3, 5], args) == \
+            bench.train_flops_per_image(m, [1, 2, 3, 5], args)

@@ -14,6 +14,9 @@ Prints one line per step and a JSON summary (median over the steps after the fir
 sampling flags (--cfg, default 2.2 as the official d16 eval, --top-k, --top-p, --scales), VAE decode included.
 
     python experiments/bench.py --sampling --depth 16 --batch-size 4 --image-size 256 --dtype fp32
+
+The official side of each comparison: experiments/official_timing.py, same flags, same JSON keys (side:
+"official" vs "ours"); experiments/ratio.py divides the two.
 """
 import json
 import os
@@ -96,8 +99,8 @@ def bench(args):
         times.append(timed(lambda: step(i), sync, 1))
         print(f"step {i}: {times[-1]:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
     med = statistics.median(times[1:] or times)
-    res = dict(depth=args.depth, params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 2), batch=B,
-               mode=args.mode, sf_input=args.sf_input if args.mode == 'sar' else None, scales=scales,
+    res = dict(side='ours', depth=args.depth, params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+               batch=B, mode=args.mode, sf_input=args.sf_input if args.mode == 'sar' else None, scales=scales,
                image_size=args.image_size, device=str(device), dtype=args.dtype, compile=args.compile,
                ms_per_step=med, min_ms=min(times[1:] or times), images_per_s=round(B * 1000 / med, 2))
     if args.mode == 'sar':  # SAR's extra work alone: the floor of a SAR step is TF step + these
@@ -144,9 +147,9 @@ def bench_sampling(args):
         times.append(timed(one, sync, 1))
         print(f"batch {i}: {times[-1]:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
     med = statistics.median(times[1:] or times)
-    res = dict(depth=args.depth, batch=args.batch_size, scales=list(args.scales), cfg=cfg, top_k=args.top_k,
-               top_p=args.top_p, device=str(device), dtype=args.dtype, s_per_batch=round(med / 1000, 3),
-               images_per_s=round(args.batch_size * 1000 / med, 3))
+    res = dict(side='ours', depth=args.depth, batch=args.batch_size, scales=list(args.scales), cfg=cfg,
+               top_k=args.top_k, top_p=args.top_p, device=str(device), dtype=args.dtype,
+               s_per_batch=round(med / 1000, 3), images_per_s=round(args.batch_size * 1000 / med, 3))
     print(json.dumps(res))
     return res
 
