@@ -22,6 +22,7 @@ A scale list holds side lengths pn_0 < pn_1 < ...; scale i is a pn_i x pn_i toke
 
 import argparse, functools, json, math, os, random, sys, time
 from collections import OrderedDict
+from typing import NamedTuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -258,13 +259,15 @@ def random_scales(default_scales, rng):
     else:
         split = round(final * 10 / 16)
         lo, hi = list(range(3, split + 1)), list(range(split + 1, final))
-        scales = [1, 2] + sorted(rng.sample(lo, min(5, len(lo))) + rng.sample(hi, min(2, len(hi)))) + [final]
+        head = [pn for pn in (1, 2) if pn < final]
+        scales = head + sorted(rng.sample(lo, min(5, len(lo))) + rng.sample(hi, min(2, len(hi)))) + [final]
     u = rng.random()
     for threshold in (0.9, 0.95, 0.98, 0.99):
         if u > threshold and len(scales) > 4:
             scales.pop(rng.randint(2, len(scales) - 2))
-    while sum(pn * pn for pn in scales) > budget:
-        scales.pop(rng.randint(len(scales) - 4, len(scales) - 1))
+    # never the first scale, never below two: [first, any side <= final] always fits the budget
+    while sum(pn * pn for pn in scales) > budget and len(scales) > 2:
+        scales.pop(rng.randint(max(1, len(scales) - 4), len(scales) - 1))
     return scales
 
 # --------------------------------------------------------------------------------------------------------
@@ -285,6 +288,20 @@ def random_scales(default_scales, rng):
 #   sf_input 'cfg' (the official trainer's defaults, which the official train.py never overrides): sampling
 #       with CFG 1.2 (ramped), top-k 900, top-p 0.96; 'argmax': Algorithm 1; 'sample': no guidance.
 
+class SFDraw(NamedTuple):
+    """How pass 1's predictions become the student's input tokens (the official trainer's defaults)."""
+    input: str = 'cfg'     # 'argmax' (Algorithm 1), 'sample' (no guidance) or 'cfg' (sampled with guidance)
+    top_k: int = 900
+    top_p: float = 0.96
+    cfg: float = 1.2       # ramped over the scales; at cfg <= 1 the official code samples unguided
+
+def uniform(shape, generator, device):
+    """Uniform [0, 1) numbers: from one generator, or row b from generator[b] when given one per image (the
+    sampler does: an image's draws then do not depend on the batch it is drawn in, nor on the processes)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
+
 def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
     """Draw one token per row of logits (..., V) from the top-k logits, then from the smallest set of tokens
     holding top_p of the probability mass (the most likely token always stays). top_k == 1 is greedy."""
@@ -300,21 +317,30 @@ def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
         tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p            # the low-probability tail
         tail[..., -1] = False
         logits.masked_fill_(tail.scatter(-1, order, tail), float('-inf'))
-    probs = logits.softmax(-1).view(-1, V)
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    # inverse-CDF sampling: the first token whose cumulative probability exceeds u * total. A removed token
+    # adds nothing to the sum, so it is never the first; the cap keeps u * total below the total.
+    cdf = logits.softmax(-1).cumsum(-1)                                     # (..., V)
+    total = cdf[..., -1:]
+    u = uniform(cdf.shape[:-1], generator, logits.device)[..., None] * total
+    return torch.searchsorted(cdf, torch.minimum(u, total * (1 - 2 ** -20)), right=True)[..., 0]
 
-def ssr_draw(logits_BLV, uncond_BLV, scales, which, sf_input, top_k, top_p, sf_cfg, generator=None):
-    """Eq. (5), first half: tokens {scale index: (B, pn^2)} from the teacher-forced predictions of the scales
-    `which`, without gradient (argmax = top-1). With unconditional logits, the official trainer's guidance:
-    t = cfg * (1 + i/(K-1)) / 2, logits = (1+t) cond - t uncond (inference ramps t differently)."""
+@torch.no_grad()
+def ssr_draw(model, logits_BLV, x_in, labels, scales, which, draw, generator=None):
+    """Eq. (5), first half: tokens {scale index: (B, pn^2)} drawn without gradient from the teacher-forced
+    predictions of the scales `which`. Guided draws need the unconditional logits: one more no-grad pass on
+    the same inputs, outside autograd (the official code runs them as half of a doubled batch inside the
+    graph, and pays for their backward). Guidance as the official trainer: t = cfg * (1 + i/(K-1)) / 2,
+    logits = (1+t) cond - t uncond (inference ramps t differently, see cfg_combine)."""
     K, be, drawn = len(scales), begin_ends(scales), {}
+    guided = draw.input == 'cfg' and draw.cfg > 1
+    uncond_BLV = model(torch.full_like(labels, model.num_classes), x_in, scales) if guided else None
     for i in which:
         a, b = be[i]
         lg = logits_BLV[:, a:b]                                                       # (B, pn^2, V)
-        if uncond_BLV is not None:
-            t = sf_cfg * 0.5 * (1 + i / (K - 1))
+        if guided:
+            t = draw.cfg * 0.5 * (1 + i / (K - 1))
             lg = (1 + t) * lg - t * uncond_BLV[:, a:b]
-        drawn[i] = sample_top_k_top_p(lg, 1 if sf_input == 'argmax' else top_k, top_p, generator)
+        drawn[i] = sample_top_k_top_p(lg, 1 if draw.input == 'argmax' else draw.top_k, draw.top_p, generator)
     return drawn
 
 def student_pass(model, vae, labels, drawn, scales, transitions):
@@ -333,18 +359,13 @@ def student_pass(model, vae, labels, drawn, scales, transitions):
     return model(labels, x_sf, scales)[:, scales[0] ** 2:], list(range(1, K))
 
 def sar_loss(model, gt_idx, x_in, labels, scales, gen=None, *, vae, num_classes, cond_drop=0.1, gamma=0.01,
-             transitions='last', target='teacher', sf_input='cfg', top_k=900, top_p=0.96, sf_cfg=1.2):
+             transitions='last', target='teacher', draw=SFDraw()):
     """Eq. (11): L_SAR = L_TF + gamma * L_CSF, with SSR's two passes. Returns (loss, info)."""
     loss_tf, info = tf_loss(model, gt_idx, x_in, labels, scales, gen, num_classes=num_classes,
                             cond_drop=cond_drop)                                 # pass 1
     K = len(scales)
     which = [K - 2, K - 1] if transitions == 'last' else list(range(K))
-    guided = sf_input == 'cfg' and sf_cfg > 1          # at cfg <= 1 the official code samples unguided
-    with torch.no_grad():
-        # The unconditional logits only serve to draw inputs: a no-grad pass, outside autograd (the official
-        # code runs them as half of a doubled batch inside the graph, and pays for their backward).
-        uncond = model(torch.full_like(labels, num_classes), x_in, scales) if guided else None
-        drawn = ssr_draw(info['logits'], uncond, scales, which, sf_input, top_k, top_p, sf_cfg, gen)
+    drawn = ssr_draw(model, info['logits'], x_in, labels, scales, which, draw, gen)          # eq. (5)
     lab_sf = drop_labels(labels, cond_drop, num_classes, gen)
     sf_logits, sf_scales = student_pass(model, vae, lab_sf, drawn, scales, transitions)   # pass 2, eq. (6)
     pool = drawn if target == 'teacher' else dict(enumerate(gt_idx))
@@ -356,17 +377,17 @@ def sar_loss(model, gt_idx, x_in, labels, scales, gen=None, *, vae, num_classes,
 # --------------------------------------------------------------------------------------------------------
 # 5. sampling: KV cache, classifier-free guidance
 # --------------------------------------------------------------------------------------------------------
-# The official sampler samples only at the side lengths the released models were trained on; elsewhere (and
-# above max_pn) it is greedy. Kept, so official checkpoints sample as they do in the official code.
-OFFICIAL_SAMPLING_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32)
+# The official sampler samples only at the side lengths the released models were trained on, up to 16;
+# elsewhere it is greedy. Kept, so official checkpoints sample as they do in the official code.
+OFFICIAL_SAMPLING_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
-def cfg_combine(cond, uncond, si, K, cfg, form, pn, max_pn=16):
+def cfg_combine(cond, uncond, si, K, cfg, form, pn):
     """Classifier-free guidance at scale index si of K. 'var' (official default): t = cfg * si / min(K-1, 9)
-    (t = cfg beyond max_pn), logits = (1+t) c - t u: none at the first scale, 1+cfg from the 10th on.
+    (t = cfg beyond side 16), logits = (1+t) c - t u: none at the first scale, 1+cfg from the 10th on.
     'llamagen': the constant u + cfg * (c - u)."""
     if form == 'llamagen':
         return uncond + cfg * (cond - uncond)
-    t = cfg * si / min(K - 1, 9) if pn <= max_pn else cfg
+    t = cfg * si / min(K - 1, 9) if pn <= 16 else cfg
     return (1 + t) * cond - t * uncond
 
 def next_scale_input(model, vae, idx, pn, nxt):
@@ -375,13 +396,15 @@ def next_scale_input(model, vae, idx, pn, nxt):
 
 @torch.no_grad()
 def generate_tokens(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator=None,
-                    cfg_form='var', max_pn=16):
+                    cfg_form='var', given=None):
     """The autoregressive rollout, scale by scale with a KV cache: each step feeds only the new scale's
     tokens, the keys/values of the coarser ones come from the cache (so no mask: a scale may see all that came
     before it, the block-causal rule). The conditional and unconditional rows run as one 2B batch; cfg=None
-    runs the conditional rows alone. The model must be in eval mode (no drop-path). Returns per-scale lists
-    of tokens (B, pn^2) and of guided logits (B, pn^2, V)."""
-    B, K = labels.shape[0], len(scales)
+    runs the conditional rows alone. `generator`: one, or one per image. `given` {scale index: (B, pn^2)}:
+    maps used instead of drawn ones (naive student forcing keeps some scales at the ground truth). The model
+    must be in eval mode (no drop-path). Returns per-scale lists of tokens (B, pn^2) and of guided logits
+    (B, pn^2, V)."""
+    B, K, given = labels.shape[0], len(scales), given or {}
     rows = labels if cfg is None else torch.cat((labels, torch.full_like(labels, model.num_classes)))
     cond_BC = model.class_emb(rows)                                                # (R, C), R = B or 2B
     x = model.embed(rows, None, scales[:1])[0]                                     # the class token(s)
@@ -392,9 +415,9 @@ def generate_tokens(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, 
             x = block(x, cond_BC, None, cache)
         logits = model.logits(x, cond_BC)                                          # (R, pn^2, V)
         if cfg is not None:
-            logits = cfg_combine(logits[:B], logits[B:], si, K, cfg, cfg_form, pn, max_pn)
-        k = top_k if pn <= max_pn and pn in OFFICIAL_SAMPLING_GRID else 1
-        all_idx.append(sample_top_k_top_p(logits, k, top_p, generator))             # (B, pn^2)
+            logits = cfg_combine(logits[:B], logits[B:], si, K, cfg, cfg_form, pn)
+        k = top_k if pn in OFFICIAL_SAMPLING_GRID else 1
+        all_idx.append(given[si] if si in given else sample_top_k_top_p(logits, k, top_p, generator))
         all_logits.append(logits)
         if si + 1 < K:
             x = next_scale_input(model, vae, all_idx[-1], pn, scales[si + 1]).repeat(len(rows) // B, 1, 1)
@@ -402,10 +425,10 @@ def generate_tokens(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, 
 
 @torch.no_grad()
 def sample(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator=None, cfg_form='var',
-           max_pn=16, trajectory=False):
+           trajectory=False):
     """Images (B, 3, H, W), nominally in [-1, 1]: the rollout, then the decoded finest token map.
     trajectory=True also returns the image decoded after every scale (paper Fig. 7)."""
-    idx, _ = generate_tokens(model, vae, labels, scales, cfg, top_k, top_p, generator, cfg_form, max_pn)
+    idx, _ = generate_tokens(model, vae, labels, scales, cfg, top_k, top_p, generator, cfg_form)
     images = vae.decode_code(idx[-1], scales[-1])
     return (images, [vae.decode_code(t, pn) for t, pn in zip(idx, scales)]) if trajectory else images
 
@@ -454,6 +477,19 @@ def optimizer_step(model, opt, scaler, grad_clip):
     opt.zero_grad(set_to_none=True)
     return norm
 
+def trim_log(path, step):
+    """Keep the records of log.jsonl up to `step` (a resumed run does the later ones again; a new run in the
+    same folder starts at 0); a line cut short by a kill is dropped."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in open(path, encoding='utf-8', errors='replace'):
+        try:
+            keep += [line] if json.loads(line)['step'] <= step else []
+        except (ValueError, KeyError, TypeError):
+            pass
+    atomic_write(path, lambda f: f.write(''.join(keep).encode()))
+
 def train(args, make_loss):
     """Train and write <out-dir>/ckpt.pt. make_loss(args, vae, num_classes) gives the step's loss, a function
     (model, gt_idx, x_in, labels, scales, gen) -> (loss, info): tf_loss or sar_loss with their settings."""
@@ -465,6 +501,9 @@ def train(args, make_loss):
     micro = args.batch_size // (world * args.grad_accum)
     check_writable(ckpt_path, '--out-dir')
     vae = load_tokenizer(args.vae, device, args.trust_checkpoint)                        # frozen, eval mode
+    if args.image_size % vae.downsample:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of the tokenizer's downsample factor "
+                        f"{vae.downsample}")
     check_scales(args.scales, args.image_size // vae.downsample)
     # flips and crops are drawn per image from the seed step_batches gives it: the same on any number of ranks
     data = load_dataset(args.data, args.image_size, 'train', args.flip, args.seed, args.crop)
@@ -479,7 +518,7 @@ def train(args, make_loss):
     step = 0
     if args.resume and os.path.isfile(ckpt_path):  # exact: weights, Adam, scaler; the step is the RNG state
         ck = load_checkpoint(ckpt_path, args.trust_checkpoint)
-        load_state_dict_strict(raw, extract_state_dict(ck), ckpt_path)
+        load_state_dict_strict(raw, checked_state_dict(ck, args.depth, f"--resume {ckpt_path}"), ckpt_path)
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler']) if scaler and ck.get('scaler') else None
         step = ck['step']
@@ -502,7 +541,9 @@ def train(args, make_loss):
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == 'cuda'))
     os.makedirs(args.out_dir, exist_ok=True)        # only now: bad input above leaves no half-made folder
-    log = open(os.path.join(args.out_dir, 'log.jsonl'), 'a') if master else None
+    log_path = os.path.join(args.out_dir, 'log.jsonl')
+    trim_log(log_path, step) if master else None      # the steps after the checkpoint are run again
+    log = open(log_path, 'a') if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master or args.quiet, desc=args.mode)
     raw.train()
     t0, t0_step = time.time(), step                  # for images/s over the steps since the last log
@@ -528,22 +569,22 @@ def train(args, make_loss):
                 for k, v in dict(info, loss=loss.detach()).items():   # the step's scalars, over micro-batches
                     if v.dim() == 0:
                         totals[k] = totals.get(k, 0.0) + v.float() / args.grad_accum
-            grad_norm = optimizer_step(raw, opt, scaler, args.grad_clip)
-            stats = torch.stack([totals['loss'], grad_norm.float()])
-            if world > 1:
+            totals['grad_norm'] = optimizer_step(raw, opt, scaler, args.grad_clip).float()
+            if world > 1:      # every logged number is the mean over the processes, as the gradients are
+                stats = torch.stack(list(totals.values()))
                 dist.all_reduce(stats)
-                stats /= world
+                totals = dict(zip(totals, stats / world))
+            loss, grad_norm = totals['loss'], totals['grad_norm']
             # fp16: inf gradients are an overflow the scaler skipped, not a failure; all else non-finite is
-            if not torch.isfinite(stats[0]) or (not torch.isfinite(stats[1]) and scaler is None):
+            if not torch.isfinite(loss) or (not torch.isfinite(grad_norm) and scaler is None):
                 last = ckpt_path if os.path.isfile(ckpt_path) else 'none yet'
-                raise UserError(f"loss {stats[0].item()} / grad norm {stats[1].item()} at step {step}: "
+                raise UserError(f"loss {loss.item()} / grad norm {grad_norm.item()} at step {step}: "
                                 f"stopped; the last good checkpoint ({last}) is untouched. Try a lower --lr, "
                                 f"--dtype bf16/fp32 instead of fp16, or check the data")
             step += 1
             bar.update(1)
             if master and (step % args.log_every == 0 or step == args.steps):
-                rec = dict({k: v.item() for k, v in totals.items()}, loss=stats[0].item(),
-                           step=step, lr=lr, grad_norm=stats[1].item(), scales=scales,
+                rec = dict({k: v.item() for k, v in totals.items()}, step=step, lr=lr, scales=scales,
                            imgs_per_s=(step - t0_step) * args.batch_size / (time.time() - t0))
                 rec.update(fp16_scale=scaler.get_scale()) if scaler else None
                 print(json.dumps(rec), file=log, flush=True)
@@ -580,15 +621,20 @@ def config_from_state_dict(sd):
     return dict(depth=sd['pos_start'].shape[-1] // 64, vocab_size=sd['head.weight'].shape[0],
                 num_classes=len(sd['class_emb.weight']) - 1, codebook_dim=sd['word_embed.weight'].shape[1])
 
+def checked_state_dict(ckpt, depth, what):
+    """The transformer state_dict of a checkpoint, refused with one clear line when it is of another depth."""
+    sd = extract_state_dict(ckpt)
+    if (d := config_from_state_dict(sd)['depth']) != depth:
+        raise UserError(f"{what} holds a depth-{d} model but --depth is {depth}: pass --depth {d}")
+    return sd
+
 def build_model(args, vae, num_classes):
     """A FlexVAR for the tokenizer's codebook: initialised as the official code does, or from --init."""
     V, Cv = vae.codebook().shape
     gates = 1e-4 if args.depth >= 24 else 1e-3                           # the official --alng
     model = FlexVAR(args.depth, V, num_classes, Cv, args.drop_path).init_weights(init_adaln_gamma=gates)
     if args.init:
-        sd = extract_state_dict(load_checkpoint(args.init, args.trust_checkpoint))
-        if (depth := config_from_state_dict(sd)['depth']) != args.depth:
-            raise UserError(f"--init {args.init} holds a depth-{depth} model but --depth is {args.depth}")
+        sd = checked_state_dict(load_checkpoint(args.init, args.trust_checkpoint), args.depth, f"--init {args.init}")
         load_state_dict_strict(model, sd, f"--init {args.init}")
     return model
 
@@ -611,9 +657,10 @@ def load_for_sampling(ckpt_path, vae_path, device, trust=False):
 @torch.no_grad()
 def run_sampling(args):
     """--sample: --num-samples images per class -> samples.png (a row per class), optional trajectory.png,
-    per-image PNGs and an ADM-style .npz (arr_0 uint8 NHWC, labels). Batch b draws from a generator seeded by
-    (--seed, b), so the images do not depend on the number of processes: under torchrun rank r takes batches
-    r, r+world, ... and writes them into one shared memory-mapped array: 50,000 images never sit in memory."""
+    per-image PNGs and an ADM-style .npz (arr_0 uint8 NHWC, labels). Image i draws from a generator seeded by
+    (--seed, i), so an image does not depend on --sample-batch nor on the number of processes: under torchrun
+    rank r takes batches r, r+world, ... and writes them into one shared memory-mapped array: 50,000 images
+    never sit in memory."""
     rank, world, device = setup_distributed(args.device)
     model, vae, ours = load_for_sampling(args.ckpt, args.vae, device, args.trust_checkpoint)
     model = cpu_speed.apply(model)                           # threads, memory, kernels (cpu_speed.py)
@@ -625,6 +672,7 @@ def run_sampling(args):
         raise UserError(f"--classes out of range: this model has classes 0..{model.num_classes - 1}")
     out = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
     check_writable(os.path.join(out, 'samples.png'), '--out-dir')
+    check_writable(args.save_npz, '--save-npz') if args.save_npz else None       # before hours of sampling
     labels = torch.tensor([c for c in classes for _ in range(args.num_samples)])
     n, bs, side = len(labels), args.sample_batch, scales[-1] * vae.downsample
     path = os.path.join(out, '.samples.npy')
@@ -633,33 +681,40 @@ def run_sampling(args):
         np.lib.format.open_memmap(path, 'w+', np.uint8, (n, side, side, 3)).flush()
     dist.barrier() if world > 1 else None
     arr = np.load(path, mmap_mode='r+')                                             # (n, H, W, 3) uint8
-    for b in tqdm(range(rank, (n + bs - 1) // bs, world), disable=rank != 0 or args.quiet, desc='sampling'):
-        gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, b))
-        with autocast_ctx(device, args.dtype):
-            images = sample(model, vae, labels[b * bs:(b + 1) * bs].to(device), scales, cfg, args.top_k,
-                            args.top_p, gen, args.cfg_form)
-        arr[b * bs:b * bs + len(images)] = to_uint8(images)
-    arr.flush()
-    dist.barrier() if world > 1 else None
-    if rank != 0:
-        return
-    per_class = min(args.num_samples, 10)       # the grid: up to 10 classes x 10 samples, a row per class
+    gens = lambda lo, hi: [torch.Generator(device).manual_seed(step_seed(args.seed, i)) for i in range(lo, hi)]
+    try:  # the memory-mapped scratch file goes, whatever happens
+        for b in tqdm(range(rank, (n + bs - 1) // bs, world), disable=rank != 0 or args.quiet, desc='sampling'):
+            lo, hi = b * bs, min(n, (b + 1) * bs)
+            with autocast_ctx(device, args.dtype):
+                images = sample(model, vae, labels[lo:hi].to(device), scales, cfg, args.top_k, args.top_p,
+                                gens(lo, hi), args.cfg_form)
+            arr[lo:hi] = to_uint8(images)
+        arr.flush()
+        dist.barrier() if world > 1 else None
+        if rank == 0:
+            save_samples(args, arr, labels, classes, out)
+            if args.trajectory:  # rows: the first 8 samples again; columns: the image after each scale (Fig. 7)
+                _, steps = sample(model, vae, labels[:8].to(device), scales, cfg, args.top_k, args.top_p,
+                                  gens(0, min(8, n)), args.cfg_form, trajectory=True)
+                traj = torch.stack([F.interpolate(s.float(), size=(side, side), mode='nearest') for s in steps], 1)
+                save_image_grid(traj.flatten(0, 1), os.path.join(out, 'trajectory.png'), nrow=len(scales))
+    finally:
+        if rank == 0 and os.path.exists(path):
+            os.remove(path)
+
+def save_samples(args, arr, labels, classes, out):
+    """The sampled images (n, H, W, 3) uint8 -> samples.png (up to 10 classes x 10, a row per class), and
+    with --save-png / --save-npz one PNG per image and the ADM-style .npz."""
+    per_class = min(args.num_samples, 10)
     keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples < 10]
     grid = torch.from_numpy(arr[keep]).permute(0, 3, 1, 2) / 127.5 - 1
     save_image_grid(grid, os.path.join(out, 'samples.png'), nrow=per_class)
-    if args.trajectory:  # rows: samples; columns: the image decoded after each scale (paper Fig. 7)
-        gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, 0))
-        _, steps = sample(model, vae, labels[:8].to(device), scales, cfg, args.top_k, args.top_p, gen,
-                          args.cfg_form, trajectory=True)
-        traj = torch.stack([F.interpolate(s.float(), size=(side, side), mode='nearest') for s in steps], 1)
-        save_image_grid(traj.flatten(0, 1), os.path.join(out, 'trajectory.png'), nrow=len(scales))
     for i, (img, c) in enumerate(zip(arr, labels.tolist()) if args.save_png else []):
         os.makedirs(os.path.join(out, 'samples', str(c)), exist_ok=True)
         Image.fromarray(img).save(os.path.join(out, 'samples', str(c), f'{i:06d}.png'))
     if args.save_npz:  # np.savez streams the memory-mapped array into the zip in 16 MiB chunks
         atomic_write(args.save_npz, lambda f: np.savez(f, arr_0=arr, labels=labels.numpy()))
-    os.remove(path)
-    print(f"wrote {out}/samples.png" + (f", {args.save_npz} ({n} images)" if args.save_npz else ''))
+    print(f"wrote {out}/samples.png" + (f", {args.save_npz} ({len(arr)} images)" if args.save_npz else ''))
 
 # --------------------------------------------------------------------------------------------------------
 # 8. the command line
@@ -737,8 +792,41 @@ def get_parser():
     a('--trajectory', action='store_true', help="--sample: also the image after every scale (Fig. 7)")
     return p
 
+# every numeric flag's valid range, checked in one place on the values as given (None: not given)
+RANGES = {**{k: ('>= 1', lambda v: v >= 1) for k in ('depth', 'steps', 'batch_size', 'grad_accum', 'image_size',
+                                                    'log_every', 'ckpt_every', 'num_samples', 'sample_batch')},
+          **{k: ('>= 0', lambda v: v >= 0) for k in ('warmup_steps', 'workers', 'lr_end', 'weight_decay',
+                                                    'gamma', 'sf_top_k', 'sf_cfg', 'cfg', 'top_k')},
+          **{k: ('> 0', lambda v: v > 0) for k in ('lr', 'grad_clip')},
+          **{k: ('in [0, 1)', lambda v: 0 <= v < 1) for k in ('cond_drop', 'drop_path')},
+          **{k: ('in [0, 1]', lambda v: 0 <= v <= 1) for k in ('top_p', 'sf_top_p')}}
+# flags that only training / only --sample reads: given to the other, they would be silently ignored
+TRAIN_ONLY = ('mode', 'data', 'image_size', 'crop', 'scale_schedule', 'init', 'sf_transitions', 'csf_target',
+              'sf_input', 'sf_top_k', 'sf_top_p', 'sf_cfg', 'gamma', 'steps', 'batch_size', 'grad_accum', 'lr',
+              'lr_end', 'warmup_steps', 'weight_decay', 'grad_clip', 'cond_drop', 'drop_path', 'flip',
+              'compile', 'resume', 'ckpt_every', 'log_every', 'workers', 'depth')
+SAMPLE_ONLY = ('ckpt', 'cfg', 'cfg_form', 'top_k', 'top_p', 'classes', 'num_samples', 'sample_batch',
+               'save_npz', 'save_png', 'trajectory')
+
+def check_ranges(args):
+    """Refuse a numeric flag outside its range (or NaN/inf) with one line naming it and the range."""
+    for name, (rule, ok) in RANGES.items():
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            raise UserError(f"--{name.replace('_', '-')} {v} is out of range: it must be {rule} (see --help)")
+
+def check_unused(given, parser):
+    """Training flags given with --sample, or sampling flags without it, are an error, not silently ignored."""
+    sample = given['sample']
+    unused = [k for k in (TRAIN_ONLY if sample else SAMPLE_ONLY) if given[k] != parser.get_default(k)]
+    if unused:
+        flags = ', '.join('--' + k.replace('_', '-') for k in unused)
+        what = "--sample generates from --ckpt and does not read" if sample else "training does not read"
+        raise UserError(f"{what} {flags}: drop {'it' if len(unused) == 1 else 'them'}")
+
 def resolve_args(args):
     """Fill the size- and mode-dependent defaults (see --help); refuse bad values before any work."""
+    check_ranges(args)
     official = args.depth >= 12
     if args.scales or not args.sample:  # sampling defaults to the checkpoint's list
         args.scales = parse_scales(args.scales or ','.join(map(str, OFFICIAL_SCALES if official
@@ -754,16 +842,6 @@ def resolve_args(args):
     args.lr = peak if args.lr is None else args.lr
     args.lr_end = end if args.lr_end is None else args.lr_end
     args.warmup_steps = warm if args.warmup_steps is None else args.warmup_steps
-    ok = dict(depth=args.depth >= 1, steps=args.steps >= 1, batch_size=args.batch_size >= 1, lr=args.lr > 0,
-              grad_accum=args.grad_accum >= 1, lr_end=args.lr_end >= 0, warmup_steps=args.warmup_steps >= 0,
-              gamma=args.gamma >= 0, cond_drop=0 <= args.cond_drop < 1, num_samples=args.num_samples >= 1,
-              sample_batch=args.sample_batch >= 1, cfg=(args.cfg or 0) >= 0, top_k=args.top_k >= 0,
-              top_p=0 <= args.top_p <= 1, sf_top_k=args.sf_top_k >= 0, sf_top_p=0 <= args.sf_top_p <= 1,
-              grad_clip=args.grad_clip > 0, workers=args.workers >= 0, log_every=args.log_every >= 1,
-              ckpt_every=args.ckpt_every >= 1, image_size=args.image_size >= 1)
-    bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, good in ok.items() if not good]
-    if bad:
-        raise UserError(f"invalid value: {', '.join(bad)} (see --help for what each flag takes)")
     if args.classes != 'all':
         try:
             args.classes = [int(c) for c in args.classes.split(',')]
@@ -777,15 +855,19 @@ def loss_for(args, vae, num_classes):
     """The loss of --mode, bound to its settings: tf_loss (eq. 9) or sar_loss (eq. 11)."""
     if args.mode == 'tf':
         return functools.partial(tf_loss, num_classes=num_classes, cond_drop=args.cond_drop)
+    draw = SFDraw(args.sf_input, args.sf_top_k, args.sf_top_p, args.sf_cfg)
     return functools.partial(sar_loss, vae=vae, num_classes=num_classes, cond_drop=args.cond_drop,
                              gamma=args.gamma, transitions=args.sf_transitions, target=args.csf_target,
-                             sf_input=args.sf_input, top_k=args.sf_top_k, top_p=args.sf_top_p,
-                             sf_cfg=args.sf_cfg)
+                             draw=draw)
 
 def main(argv=None, make_loss=loss_for):
     """The command line (experiments/ train other losses through make_loss): one line `error: ...`."""
     try:
-        args = resolve_args(get_parser().parse_args(argv))
+        parser = get_parser()
+        args = parser.parse_args(argv)
+        given = dict(vars(args))                  # the flags as typed, before the defaults are filled in
+        args = resolve_args(args)
+        check_unused(given, parser)
         run_sampling(args) if args.sample else train(args, make_loss)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)

@@ -121,14 +121,15 @@ def test_fixture_training_step_losses_and_grad_norms(fx, mode):
 def test_fixture_greedy_cfg_sampling(fx, form, key):
     ai, ref = fx['ar_infer'], fx['ar_infer'][key]
     model, vae = fixture_var(fx), fixture_vae(fx)
+    assert ai['max_pn'] == 16                      # the official sampler's, fixed in ours
     idx, logits = sar.generate_tokens(model, vae, fx['labels'], ai['infer_patch_nums'], cfg=ai['cfg'],
-                                      top_k=ai['top_k'], top_p=ai['top_p'], cfg_form=form, max_pn=ai['max_pn'])
+                                      top_k=ai['top_k'], top_p=ai['top_p'], cfg_form=form)
     for a, b in zip(idx, ref['indices_per_scale']):
         assert torch.equal(a, b)
     for a, b in zip(logits, ref['cfg_logits_per_scale']):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     img = sar.sample(model, vae, fx['labels'], ai['infer_patch_nums'], cfg=ai['cfg'], top_k=ai['top_k'],
-                     top_p=ai['top_p'], cfg_form=form, max_pn=ai['max_pn'])
+                     top_p=ai['top_p'], cfg_form=form)
     torch.testing.assert_close(img, ref['image'], atol=1e-3, rtol=0)
 
 
@@ -638,13 +639,18 @@ def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
     with np.load(tmp_path / 's.npz') as z:
         arr, labels = z['arr_0'], z['labels']
     assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8 and labels.tolist() == [1, 1, 1, 3, 3, 3]
-    # the .npz holds exactly the images sample() draws with the batch seeds, batch by batch
+    # the .npz holds exactly the images sample() draws with one generator per image, seeded by (seed, index)
     model, vae, _ = sar.load_for_sampling(ck, None, torch.device('cpu'))
-    for b in range(2):
-        lab = torch.tensor(labels[b * 4:(b + 1) * 4])
-        img = sar.sample(model, vae, lab, [1, 2, 3, 4], 1.5, 8, 0.95,
-                         torch.Generator().manual_seed(common.step_seed(0, b)))
-        assert np.array_equal(common.to_uint8(img), arr[b * 4:(b + 1) * 4])
+    for lo, hi in ((0, 4), (4, 6)):
+        gens = [torch.Generator().manual_seed(common.step_seed(0, i)) for i in range(lo, hi)]
+        img = sar.sample(model, vae, torch.tensor(labels[lo:hi]), [1, 2, 3, 4], 1.5, 8, 0.95, gens)
+        assert np.array_equal(common.to_uint8(img), arr[lo:hi])
+    # so another --sample-batch (less memory, as the FAQ advises) draws the same images
+    sar.main(['--sample', '--ckpt', ck, '--classes', '1,3', '--num-samples', '3', '--top-k', '8', '--quiet',
+              '--save-npz', str(tmp_path / 's5.npz'), '--sample-batch', '5', '--dtype', 'fp32',
+              '--out-dir', str(tmp_path / 'b5')])
+    with np.load(tmp_path / 's5.npz') as z:
+        assert np.array_equal(z['arr_0'], arr)
     assert os.path.isfile(os.path.join(out, 'samples.png')) and os.path.isfile(os.path.join(out, 'trajectory.png'))
     assert len(os.listdir(os.path.join(out, 'samples', '3'))) == 3
     assert not [f for f in os.listdir(out) if f.startswith('.') or f.endswith('.tmp')]
@@ -655,6 +661,11 @@ def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('x')
     assert 'cannot be written' in error_of(capsys, ['--sample', '--ckpt', ck, '--out-dir', str(blocker / 'sub')])
+    # an .npz that cannot be written is refused before any sampling, and nothing is left behind
+    t = time.time()
+    err = error_of(capsys, ['--sample', '--ckpt', ck, '--num-samples', '500', '--save-npz', str(blocker / 's.npz')])
+    assert 'cannot be written' in err and '--save-npz' in err and time.time() - t < 20
+    assert not [f for f in os.listdir(out) if f.startswith('.')]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -662,7 +673,7 @@ def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def naive_inputs(model, vae, gt, labels, scales, schedule, k=4, sf_input='sample', seed=0):
-    return naive_sf.naive_sf_inputs(model, vae, gt, labels, scales, schedule, k, sf_input, 50, 0.95, 1.2,
+    return naive_sf.naive_sf_inputs(model, vae, gt, labels, scales, schedule, k, sar.SFDraw(sf_input, 50, 0.95, 1.2),
                                     torch.Generator().manual_seed(seed))
 
 
@@ -680,14 +691,21 @@ def test_naive_sf_inputs_are_gt_exactly_where_the_schedule_says(fx, schedule):
         assert torch.allclose(x_sf[:, a:b], x_tf[:, a:b]) == (i in kept), (schedule, i)
 
 
-def test_naive_sf_rollout_is_the_sampler():
-    """Full naive SF: the inputs are built from exactly the tokens the sampler draws with the same generator."""
+def test_sampler_with_given_maps_is_teacher_forcing():
+    """generate_tokens(given=...), naive SF's rollout: the given maps come back unchanged, and the scale after
+    them is predicted from them exactly as the one-pass teacher-forced forward on the same maps predicts it
+    (KV cache vs block-causal mask); the scales that are drawn differ from the given ground truth."""
     model, vae = small_model(), small_vae()
     scales, labels = [1, 2, 3, 4], torch.tensor([0, 3, 7])
-    gt = [torch.randint(0, 64, (3, pn * pn)) for pn in scales]
+    gt = [torch.randint(0, 64, (3, pn * pn), generator=torch.Generator().manual_seed(pn)) for pn in scales]
+    given = {0: gt[0], 1: gt[1], 2: gt[2]}
+    idx, logits = sar.generate_tokens(model, vae, labels, scales, None, 50, 0.95, torch.Generator().manual_seed(5),
+                                      given=given)
+    assert all(torch.equal(idx[i], gt[i]) for i in given)
+    with torch.no_grad():
+        tf = model(labels, sar.tf_input(vae, gt, scales), scales)
+    torch.testing.assert_close(logits[3], tf[:, -16:], atol=1e-4, rtol=1e-4)
     x_sf = naive_inputs(model, vae, gt, labels, scales, 'full', seed=5)
-    own, _ = sar.generate_tokens(model, vae, labels, scales, None, 50, 0.95, torch.Generator().manual_seed(5))
-    torch.testing.assert_close(x_sf, sar.tf_input(vae, own, scales))
     assert not torch.allclose(x_sf, sar.tf_input(vae, gt, scales))
 
 
@@ -778,7 +796,8 @@ def test_every_imported_package_is_declared():
     """A module the project imports is the standard library, a file of the project, or a distribution
     named in requirements.txt (pytest: the tests only). The import -> distribution map comes from the
     installed packages' own metadata, so PIL counts as pillow. (The scripts in tests/fixtures that made the
-    fixtures from the official code are not run by anyone but a maintainer; their README names what they need.)"""
+    fixtures from the official code are not run by anyone but a maintainer; their README names what they need.
+    experiments/official_timing.py imports the official code's own modules from the clone it is given.)"""
     import importlib.metadata
     files = [os.path.join(d, f) for d in (HERE, os.path.join(HERE, 'experiments'))
              for f in sorted(os.listdir(d)) if f.endswith('.py')]
@@ -790,7 +809,8 @@ def test_every_imported_package_is_declared():
     undeclared = {}
     for f in files:
         tests_only = os.path.basename(f).startswith('test_')
-        for name in imported_modules(f) - set(sys.stdlib_module_names) - local:
+        official = {'models', 'trainer', 'utils'} if f.endswith('official_timing.py') else set()
+        for name in imported_modules(f) - set(sys.stdlib_module_names) - local - official:
             owners = {d.lower() for d in dists.get(name, [name])}
             if not owners & (set(reqs) | ({'pytest'} if tests_only else set())):
                 undeclared.setdefault(name, []).append(os.path.relpath(f, HERE))

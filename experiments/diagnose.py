@@ -60,10 +60,8 @@ def diagnose(args):
         with torch.no_grad(), sar.autocast_ctx(device, args.dtype):
             gt_idx, x_in = sar.gt_tokens_and_inputs(vae, images, scales)
             logits = model(labels, x_in, scales)
-            guided = args.sf_input == 'cfg' and args.sf_cfg > 1
-            uncond = model(torch.full_like(labels, model.num_classes), x_in, scales) if guided else None
-            drawn = sar.ssr_draw(logits, uncond, scales, range(K), args.sf_input, args.sf_top_k,
-                                 args.sf_top_p, args.sf_cfg, gen)
+            draw = sar.SFDraw(args.sf_input, args.sf_top_k, args.sf_top_p, args.sf_cfg)
+            drawn = sar.ssr_draw(model, logits, x_in, labels, scales, range(K), draw, gen)
             own, _ = sar.generate_tokens(model, vae, labels, scales, cfg, args.top_k, args.top_p, gen,
                                          args.cfg_form)
             stats = dict(teacher=per_scale_stats(logits, torch.cat(gt_idx, dim=1), scales),  # = with gt
