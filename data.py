@@ -168,7 +168,7 @@ class ArrayImages(ImageDataset):
         return len(self.idx)
 
     def item(self, i, seed):
-        a = self.images[self.idx[i]]
+        a = np.ascontiguousarray(self.images[self.idx[i]])        # (an NCHW .npz is a transposed view)
         if a.ndim == 2:
             a = a[:, :, None]
         if a.shape[2] == 1:
@@ -218,10 +218,15 @@ def load_npz(path, image_size, split, flip):
     except Exception as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot read {path} as .npz: {why}") from None
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or \
-            (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
-        raise UserError(f"{path}: 'images' must be uint8 NHWC (C = 1, 3 or 4) or NHW; "
-                        f"got {images.dtype} {images.shape}")
+    # the layouts fid.py reads too: channels last when the last axis is 1, 3 or 4 (RGBA: alpha dropped),
+    # channels first (a torch tensor's layout) only when it is not and axis 1 is, or (N, H, W) grey
+    nhwc = images.ndim == 4 and images.shape[3] in (1, 3, 4)
+    nchw = images.ndim == 4 and not nhwc and images.shape[1] in (1, 3, 4)
+    nhw = images.ndim == 3 and images.shape[2] not in (3, 4)
+    if images.dtype != np.uint8 or not (nhwc or nchw or nhw):
+        raise UserError(f"{path}: 'images' must be uint8 (N, H, W, C) or (N, C, H, W) with C = 1, 3 or 4, or "
+                        f"(N, H, W) grey; got {images.dtype} {images.shape}")
+    images = images.transpose(0, 2, 3, 1) if nchw else images
     if len(images) == 0:
         raise UserError(f"{path} holds no images")
     labels = check_labels(labels, path)

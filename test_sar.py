@@ -1162,6 +1162,13 @@ def test_npz_reader_nhw_and_nhwc(tmp_path):
     np.savez(tmp_path / 'f.npz', images=nhwc.astype(np.float32))
     with pytest.raises(common.UserError, match='uint8'):
         data.load_dataset(str(tmp_path / 'f.npz'), 16)
+    # NCHW (a torch tensor's layout) is read as the same images (fid.py reads it too: test_fid.py)
+    np.savez(tmp_path / 'chw.npz', images=nhwc.transpose(0, 3, 1, 2), labels=labels)
+    ds_chw, ds_hwc = (data.load_dataset(str(tmp_path / f), 16, 'all') for f in ('chw.npz', 'c.npz'))
+    assert all(torch.equal(ds_chw[i][0], ds_hwc[i][0]) for i in (0, 5, 39))
+    np.savez(tmp_path / 'two.npz', images=np.zeros((4, 2, 8, 8), np.uint8))
+    with pytest.raises(common.UserError, match=r'\(N, C, H, W\)'):
+        data.load_dataset(str(tmp_path / 'two.npz'), 8)
 
 
 def test_idx_folder_with_more_than_ten_classes(tmp_path):
