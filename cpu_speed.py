@@ -15,7 +15,7 @@ docs/benchmarks.md):
    process keeps its peak size and a step takes a handful of page faults instead of hundreds of thousands.
 3. fp32 Linear layers through oneDNN (`FastLinear`, x86 CPUs): torch runs an fp32 nn.Linear on MKL's sgemm,
    which takes a generic code path on AMD CPUs; oneDNN's kernel, which torch ships too, computes the same
-   products about twice as fast. apply() turns every nn.Linear of a CPU model into a FastLinear: the same
+   products faster. apply() turns every nn.Linear of a CPU model into a FastLinear: the same
    parameters and state_dict, its forward and both backward products in oneDNN, and plain F.linear under
    autocast, under torch.compile and on any other device. The same math; fp32 rounding differs in the last
    bits only.
@@ -57,8 +57,8 @@ def apply(model=None, threads=0):
 
 
 def native_bf16():
-    """True where the CPU computes bf16 natively (AVX512-BF16): there bf16 autocast pays (1.7x the fp32
-    steps/s of the laptop run on 2 cores); elsewhere torch emulates it, slower than fp32."""
+    """True where the CPU computes bf16 natively (AVX512-BF16): there bf16 autocast is faster than fp32;
+    elsewhere torch emulates it, slower than fp32 (docs/benchmarks.md)."""
     return bool(getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)())
 
 

@@ -448,8 +448,8 @@ def setup_distributed(device_name):
     return rank, world, device
 
 def autocast_ctx(device, dtype):
-    """--dtype: auto = bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AVX512-BF16
-    or AMX: 1.7x the fp32 steps/s of the laptop run on 2 cores), fp32 elsewhere (emulated bf16 is slower)."""
+    """--dtype: auto = bf16 autocast where the hardware computes bf16 natively (CUDA, CPUs with AVX512-BF16),
+    fp32 elsewhere (emulated bf16 is slower than fp32; docs/benchmarks.md)."""
     cpu_bf16 = device.type == 'cpu' and cpu_speed.native_bf16()
     if dtype == 'fp32' or (dtype == 'auto' and device.type != 'cuda' and not cpu_bf16):
         return nullcontext()
@@ -468,12 +468,11 @@ def optimizer_step(model, opt, scaler, grad_clip):
     """Clip and step; returns the gradient norm before clipping. With fp16 (official: a GradScaler with init
     scale 2^11, growth every 1000 steps) a step whose gradients overflowed is skipped by the scaler, which
     halves the scale; the scale is capped at 32768, the official cap (fp16 overflows at 65504)."""
-    scaler.unscale_(opt) if scaler else None                 # clip the true gradients
+    scaler.unscale_(opt)                                     # clip the true gradients
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(opt) if scaler else opt.step()
-    if scaler is not None:
-        scaler.update()
-        scaler.update(min(scaler.get_scale(), 32768.0))            # the official cap
+    scaler.step(opt)                                         # (a disabled scaler: opt.step())
+    scaler.update()
+    scaler.update(min(scaler.get_scale(), 32768.0)) if scaler.is_enabled() else None    # the official cap
     opt.zero_grad(set_to_none=True)
     return norm
 
@@ -513,14 +512,14 @@ def train(args, make_loss):
     raw = cpu_speed.apply(build_model(args, vae, data.num_classes).to(device))  # threads, memory, kernels
     loss_fn = make_loss(args, vae, raw.num_classes)
     opt = make_optimizer(raw, args.lr, args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000) \
-        if args.dtype == 'fp16' else None                        # the official AMP: see optimizer_step
+    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000,
+                                  enabled=args.dtype == 'fp16')    # the official fp16 AMP: see optimizer_step
     step = 0
     if args.resume and os.path.isfile(ckpt_path):  # exact: weights, Adam, scaler; the step is the RNG state
         ck = load_checkpoint(ckpt_path, args.trust_checkpoint)
         load_state_dict_strict(raw, checked_state_dict(ck, args.depth, f"--resume {ckpt_path}"), ckpt_path)
         opt.load_state_dict(ck['optimizer'])
-        scaler.load_state_dict(ck['scaler']) if scaler and ck.get('scaler') else None
+        scaler.load_state_dict(ck['scaler']) if scaler.is_enabled() and ck.get('scaler') else None
         step = ck['step']
     for block in raw.blocks if args.compile else []:  # per block, dynamic shapes: L changes every step
         block.compile(dynamic=True)                    # and the student pass has its own (docs/design.md)
@@ -533,7 +532,7 @@ def train(args, make_loss):
         if master:
             keep = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}
             save_atomic(dict(model=raw.state_dict(), config=raw.config, optimizer=opt.state_dict(), args=keep,
-                             scaler=scaler and scaler.state_dict(), tokenizer=os.path.abspath(args.vae),
+                             scaler=scaler.state_dict(), tokenizer=os.path.abspath(args.vae),
                              step=at_step), ckpt_path)
 
     batches = step_batches(len(data), args.batch_size, micro, world, rank, args.grad_accum,
@@ -565,7 +564,7 @@ def train(args, make_loss):
                 with nullcontext() if world == 1 or m == args.grad_accum - 1 else model.no_sync():
                     with autocast_ctx(device, args.dtype):
                         loss, info = loss_fn(model, gt_idx, x_in, labels, scales, gen)
-                    (scaler.scale(loss / args.grad_accum) if scaler else loss / args.grad_accum).backward()
+                    scaler.scale(loss / args.grad_accum).backward()
                 for k, v in dict(info, loss=loss.detach()).items():   # the step's scalars, over micro-batches
                     if v.dim() == 0:
                         totals[k] = totals.get(k, 0.0) + v.float() / args.grad_accum
@@ -576,7 +575,7 @@ def train(args, make_loss):
                 totals = dict(zip(totals, stats / world))
             loss, grad_norm = totals['loss'], totals['grad_norm']
             # fp16: inf gradients are an overflow the scaler skipped, not a failure; all else non-finite is
-            if not torch.isfinite(loss) or (not torch.isfinite(grad_norm) and scaler is None):
+            if not torch.isfinite(loss) or (not torch.isfinite(grad_norm) and not scaler.is_enabled()):
                 last = ckpt_path if os.path.isfile(ckpt_path) else 'none yet'
                 raise UserError(f"loss {loss.item()} / grad norm {grad_norm.item()} at step {step}: "
                                 f"stopped; the last good checkpoint ({last}) is untouched. Try a lower --lr, "
@@ -586,7 +585,7 @@ def train(args, make_loss):
             if master and (step % args.log_every == 0 or step == args.steps):
                 rec = dict({k: v.item() for k, v in totals.items()}, step=step, lr=lr, scales=scales,
                            imgs_per_s=(step - t0_step) * args.batch_size / (time.time() - t0))
-                rec.update(fp16_scale=scaler.get_scale()) if scaler else None
+                rec.update(fp16_scale=scaler.get_scale()) if scaler.is_enabled() else None
                 print(json.dumps(rec), file=log, flush=True)
                 tqdm.write(json.dumps({k: round(v, 5) if type(v) is float else v for k, v in rec.items()}))
                 t0, t0_step = time.time(), step

@@ -280,8 +280,8 @@ class VQVAE(nn.Module):
 
 def frozen_on(vae, device):
     """The tokenizer moved to `device`, in eval mode, without gradients. Channels-last convolutions on CPU,
-    where oneDNN runs them faster; on CUDA the GroupNorms would copy every activation between layouts
-    (measured on an H200: encode 61 ms channels-last, 49 ms NCHW)."""
+    where oneDNN runs them faster; on CUDA the GroupNorms would copy every activation between layouts, which
+    made the encode slower (docs/benchmarks.md)."""
     fmt = torch.channels_last if torch.device(device).type == 'cpu' else torch.preserve_format
     return vae.to(device, memory_format=fmt).eval().requires_grad_(False)
 

@@ -75,7 +75,7 @@ def bench(args):
     device, vae, model = setup(args)
     model.train()
     opt = sar.make_optimizer(model, args.lr, args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11) if args.dtype == 'fp16' else None
+    scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, enabled=args.dtype == 'fp16')
     loss_fn = sar.loss_for(args, vae, model.num_classes)
     for block in model.blocks if args.compile else []:   # as sar.py's training loop does it
         block.compile(dynamic=True)
@@ -91,7 +91,7 @@ def bench(args):
         gt_idx, x_in = sar.gt_tokens_and_inputs(vae, images, scales)
         with sar.autocast_ctx(device, args.dtype):
             loss, _ = loss_fn(model, gt_idx, x_in, labels, scales, gen)
-        (scaler.scale(loss) if scaler else loss).backward()
+        scaler.scale(loss).backward()
         sar.optimizer_step(model, opt, scaler, args.grad_clip)
 
     times = []
