@@ -33,10 +33,10 @@ from common import UserError  # noqa: E402
 from tokenizer import VQVAE, frozen_on  # noqa: E402
 
 
-def train_flops_per_image(model, scales, args):
-    """Matmul FLOPs of one training image: forward = 2 * (weights x tokens) + attention 4 * L_ctx * C per
-    token per layer; backward = 2 x forward. SAR adds the no-grad unconditional pass and the student pass."""
-    C, D, V = model.C, model.depth, model.V
+def train_flops_per_image(C, D, V, scales, args):
+    """Matmul FLOPs of one training image of a width-C, depth-D model with V codes: forward = 2 * (weights x
+    tokens) + attention 4 * L_ctx * C per token per layer; backward = 2 x forward. SAR adds the no-grad
+    unconditional pass and the student pass. official_timing.py counts the official model's work with it."""
 
     def fwd(s):
         ctx = sum(pn * pn * sum(q * q for q in s[:i + 1]) for i, pn in enumerate(s))
@@ -44,7 +44,8 @@ def train_flops_per_image(model, scales, args):
     total = 3 * fwd(scales)
     if args.mode == 'sar':
         total += fwd(scales) if args.sf_input == 'cfg' and args.sf_cfg > 1 else 0
-        total += 3 * (fwd([1, scales[-1]]) if args.sf_transitions == 'last' else fwd(scales))
+        last = getattr(args, 'sf_transitions', 'last') == 'last'      # (the official code has only 'last')
+        total += 3 * (fwd([1, scales[-1]]) if last else fwd(scales))
     return total
 
 
@@ -121,7 +122,7 @@ def bench(args):
         res['nograd_forward_ms'] = timed(uncond, sync, 3)
     if device.type == 'cuda':
         res['peak_mem_GiB'] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        flops_per_s = train_flops_per_image(model, scales, args) * B / (med / 1000)
+        flops_per_s = train_flops_per_image(model.C, model.depth, model.V, scales, args) * B / (med / 1000)
         res['mfu'] = round(flops_per_s / (args.peak_tflops * 1e12), 4)
     else:
         import resource
@@ -154,19 +155,31 @@ def bench_sampling(args):
     return res
 
 
-def main(argv=None):
+def get_parser(description):
+    """sar.py's flags (same defaults, so the same flags mean the same run) + the benchmark's own; official_timing.py
+    uses it too."""
     p = sar.get_parser()
-    p.description = __doc__.split('\n\n')[1]
+    p.description = description
     p.add_argument('--bench-steps', type=int, default=6, help="timed steps (the first is warm-up, excluded)")
     p.add_argument('--peak-tflops', type=float, default=989.0, help="peak for MFU (H100 bf16 dense: 989)")
-    p.add_argument('--sampling', action='store_true', help="time sar.sample (VAE decode included) instead")
+    p.add_argument('--sampling', action='store_true', help="time sampling (VAE decode included) instead")
+    return p
+
+
+def parse(p, argv):
+    """The flags, with sar.py's size defaults filled in; bad values are a UserError."""
+    args = p.parse_args(argv)
+    if args.bench_steps < 1:
+        raise UserError(f"--bench-steps must be >= 1, got {args.bench_steps}")
+    vae = args.vae                 # no --vae: the FlexVAE architecture with random weights, not out/
+    args = sar.resolve_args(args)
+    args.vae = vae
+    return args
+
+
+def main(argv=None):
     try:
-        args = p.parse_args(argv)
-        if args.bench_steps < 1:
-            raise UserError(f"--bench-steps must be >= 1, got {args.bench_steps}")
-        vae = args.vae                 # no --vae: the FlexVAE architecture with random weights, not out/
-        args = sar.resolve_args(args)
-        args.vae = vae
+        args = parse(get_parser(__doc__.split('\n\n')[1]), argv)
         return bench_sampling(args) if args.sampling else bench(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

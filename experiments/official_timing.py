@@ -26,33 +26,25 @@ the CPU measurements of docs/benchmarks.md. Unlike sar.py this script leaves gli
 as the official scripts do (set MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1 to give it the same).
 Prints one line per step and one JSON line with bench.py's keys (side: "official").
 """
-import argparse
 import contextlib
 import importlib
 import json
 import os
 import statistics
 import sys
-import time
 import types
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import get_parser, parse, timed, train_flops_per_image  # noqa: E402  (the same flags, measure, FLOPs)
+import cpu_speed  # noqa: E402  (bench.py put the project on the path)
+from common import UserError  # noqa: E402
+
 # what a clone of the official code must hold for this script (the modules it imports and theirs)
 OFFICIAL_FILES = ('trainer.py', 'dist.py', 'models/__init__.py', 'models/flexvar.py', 'models/basic_var.py',
                   'models/helpers.py', 'models/vq_llama.py', 'utils/amp_sc.py')
-OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)   # sar.py's defaults, so that no flag means the same run
-LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)
 NUM_CLASSES, CODES, CODE_DIM = 1000, 8912, 32        # ImageNet; the released FlexVAE's codebook
-
-
-class UsageError(Exception):
-    """Bad flags or a bad --official folder: main() prints the message as one line `error: ...`, exit 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):              # one line instead of argparse's usage block
-        raise UsageError(f"{message} (see --help)")
 
 
 class NoLog:
@@ -71,15 +63,15 @@ class NoLog:
 # the official code, imported as it is
 # ---------------------------------------------------------------------------------------------------------
 def check_official(path):
-    """The absolute path of a clone of the official code, or a UsageError that says what to pass."""
+    """The absolute path of a clone of the official code, or a UserError that says what to pass."""
     hint = "pass --official PATH, PATH a clone of the official SAR code (GengzeZhou/SAR)"
     if not path:
-        raise UsageError(f"the official code is missing; {hint}")
+        raise UserError(f"the official code is missing; {hint}")
     if not os.path.isdir(path):
-        raise UsageError(f"--official {path}: no such folder; {hint}")
+        raise UserError(f"--official {path}: no such folder; {hint}")
     missing = [f for f in OFFICIAL_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
-        raise UsageError(f"--official {path} is not a clone of the official SAR code: it lacks "
+        raise UserError(f"--official {path} is not a clone of the official SAR code: it lacks "
                          f"{', '.join(missing)}; {hint}")
     return os.path.abspath(path)
 
@@ -111,7 +103,7 @@ def import_official(path):
             from trainer import VARTrainer
             from utils.amp_sc import AmpOptimizer
     except Exception as e:
-        raise UsageError(f"--official {path}: importing the official code failed ({type(e).__name__}: "
+        raise UserError(f"--official {path}: importing the official code failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); pass a clone of GengzeZhou/SAR") from None
     return types.SimpleNamespace(FlexVAR=FlexVAR, VQ_models=VQ_models, VARTrainer=VARTrainer,
                                  AmpOptimizer=AmpOptimizer)
@@ -137,32 +129,6 @@ def build(off, args, device, drop_path):
 # ---------------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------------
-def timed(fn, sync, reps):
-    """Median wall time of fn() in ms over reps runs (bench.py's measure)."""
-    ts = []
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return round(statistics.median(ts) * 1000, 1)
-
-
-def train_flops_per_image(C, depth, V, scales, args):
-    """bench.py's count of model FLOPs per training image, so that the MFU of both sides divides the same work:
-    forward = 2 x (weights x tokens) + attention 4 * context * C per token and layer, backward = 2 x forward;
-    SAR adds one forward for the unconditional pass of CFG-sampled inputs and the student pass [class, last]."""
-    def fwd(s):
-        ctx = sum(p * p * sum(q * q for q in s[:i + 1]) for i, p in enumerate(s))
-        return 2 * sum(p * p for p in s) * (depth * 12 * C * C + C * V) + 4 * ctx * C * depth
-    total = 3 * fwd(scales)
-    if args.mode == 'sar':
-        total += fwd(scales) if args.sf_input == 'cfg' and args.sf_cfg > 1 else 0
-        total += 3 * fwd([1, scales[-1]])
-    return total
-
-
 def make_trainer(off, args, device, vae, var, mixed_precision):
     """The official VARTrainer in the mode of --mode/--sf-input/--csf-target, on the fixed --scales list."""
     decay, no_decay = [], []
@@ -276,83 +242,44 @@ def bench_sampling(off, args, device, dtype):
 # ---------------------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------------------
-def get_parser():
-    p = Parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split('\n\n')[0])
-    a = p.add_argument
-    a('--official', help="a clone of the official SAR code (GengzeZhou/SAR), e.g. /path/to/SAR")
-    a('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help="auto: cuda if available")
-    a('--mode', choices=['tf', 'sar'], default='tf', help="tf: teacher_forcing; sar: csfl")
-    a('--sampling', action='store_true', help="time autoregressive_infer_cfg (VAE decode included) instead")
-    a('--depth', type=int, default=4, help="depth: width 64*depth, heads = depth")
-    a('--batch-size', type=int, default=32, help="images per step (sampling: per batch)")
-    a('--image-size', type=int, help="resolution (32; depth >= 12: 512, as sar.py)")
-    a('--scales', help="scale list (1,2,3,4,5,6,8; depth >= 12: 1,...,10,13,16, as sar.py)")
-    a('--dtype', choices=['auto', 'bf16', 'fp16', 'fp32'], default='auto',
-      help="auto: bf16 on CUDA and CPUs with native bf16, else fp32 (as sar.py); training on CPU: fp32 only")
-    a('--bench-steps', type=int, default=6, help="timed steps (the first is warm-up, excluded)")
-    a('--sf-input', choices=['argmax', 'sample', 'cfg'], default='cfg', help="how pass 1 becomes SF inputs")
-    a('--csf-target', choices=['teacher', 'gt'], default='teacher', help="teacher: csfl; gt: tf_then_single_sf")
-    a('--sf-top-k', type=int, default=900, help="top-k of SF sampling")
-    a('--sf-top-p', type=float, default=0.96, help="top-p of SF sampling")
-    a('--sf-cfg', type=float, default=1.2, help="CFG of SF sampling, ramped (<= 1: unguided)")
-    a('--gamma', type=float, default=0.01, help="weight of the SF loss (official sigma)")
-    a('--drop-path', type=float, help="max stochastic-depth rate (default 0.1*depth/24)")
-    a('--cfg', type=float, help="--sampling: guidance (default 2.2, the official d16 eval)")
-    a('--cfg-form', choices=['var', 'llamagen'], default='var', help="var: official ramp; llamagen: constant")
-    a('--top-k', type=int, default=900, help="--sampling: top-k")
-    a('--top-p', type=float, default=0.95, help="--sampling: top-p")
-    a('--seed', type=int, default=0, help="seed of the random weights and inputs")
-    a('--peak-tflops', type=float, default=989.0, help="peak for MFU (H100 bf16 dense: 989)")
-    return p
+# flags of sar.py (through bench.py's parser) that have no counterpart in the official trainer
+NOT_OFFICIAL = ('vae', 'compile', 'sf_transitions', 'grad_accum', 'scale_schedule')
 
 
-def parse_scales(text):
-    try:
-        scales = [int(s) for s in text.split(',')]
-    except ValueError:
-        raise UsageError(f"--scales takes comma-separated integers, e.g. 1,2,4,8, not {text!r}") from None
-    if len(scales) < 2 or scales[0] < 1 or any(b <= a for a, b in zip(scales, scales[1:])):
-        raise UsageError(f"--scales needs at least two strictly increasing positive sides, got {text!r}")
-    return scales
-
-
-def resolve(args):
-    """sar.py's size defaults; refuse what the official code cannot run before building anything.
-    Returns (device, dtype actually used)."""
-    official = args.depth >= 12
-    args.scales = parse_scales(args.scales or ','.join(map(str, OFFICIAL_SCALES if official else LAPTOP_SCALES)))
-    args.image_size = args.image_size or (512 if official else 32)
-    bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, ok in dict(
-        depth=args.depth >= 1, batch_size=args.batch_size >= 1, image_size=args.image_size >= 16,
-        bench_steps=args.bench_steps >= 1).items() if not ok]
-    if bad:
-        raise UsageError(f"invalid value: {', '.join(bad)} (see --help)")
+def resolve(args, parser):
+    """Refuse what the official code cannot run before building anything. Returns (device, dtype used)."""
+    unsupported = [k for k in NOT_OFFICIAL if getattr(args, k) != parser.get_default(k)]
+    if unsupported:
+        raise UserError(f"the official trainer has no counterpart of --{unsupported[0].replace('_', '-')}")
+    if args.device not in ('auto', 'cpu', 'cuda'):
+        raise UserError(f"--device {args.device}: pass auto, cpu or cuda")
     if args.device == 'cuda' and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device here; pass --device cpu")
+        raise UserError("--device cuda: no CUDA device here; pass --device cpu")
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
                           args.device if args.device != 'auto' else 'cpu')
     dtype = args.dtype
     if dtype == 'auto':                     # sar.autocast_ctx's rule
-        cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-        dtype = 'bf16' if device.type == 'cuda' or cpu_bf16 else 'fp32'
+        dtype = 'bf16' if device.type == 'cuda' or cpu_speed.native_bf16() else 'fp32'
     if device.type == 'cpu' and dtype != 'fp32' and not args.sampling:
         shown = args.dtype + (f" ({dtype} here)" if args.dtype == 'auto' else '')
-        raise UsageError(f"--dtype {shown}: the official trainer's mixed precision is CUDA-only "
-                         f"(AmpOptimizer autocasts 'cuda'); pass --dtype fp32 on the CPU")
+        raise UserError(f"--dtype {shown}: the official trainer's mixed precision is CUDA-only "
+                        f"(AmpOptimizer autocasts 'cuda'); pass --dtype fp32 on the CPU")
     return device, dtype
 
 
 def main(argv=None):
-    p = get_parser()
+    p = get_parser(__doc__.split('\n\n')[0])
+    p.add_argument('--official', help="a clone of the official SAR code (GengzeZhou/SAR), e.g. /path/to/SAR")
     try:
-        args = p.parse_args(argv)
-        path = check_official(args.official)
-        device, dtype = resolve(args)
+        raw = p.parse_args(argv)
+        path = check_official(raw.official)
+        args = parse(p, argv)
+        device, dtype = resolve(args, p)
         off = import_official(path)
         if device.type == 'cuda':           # the official training script's default (tf32=True)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         return (bench_sampling if args.sampling else bench_training)(off, args, device, dtype)
-    except UsageError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
