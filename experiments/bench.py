@@ -120,9 +120,15 @@ def bench(args):
                 model(torch.full_like(labels, model.num_classes), x_in, scales)
         res['student_pass_ms'] = timed(student, sync, 3)
         res['nograd_forward_ms'] = timed(uncond, sync, 3)
+    return report(res, device, train_flops_per_image(model.C, model.depth, model.V, scales, args), args)
+
+
+def report(res, device, flops_per_image, args):
+    """Peak memory, and on CUDA the MFU of res['ms_per_step'], into res; printed as the one JSON line that
+    both sides (bench.py, official_timing.py) end with."""
     if device.type == 'cuda':
         res['peak_mem_GiB'] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        flops_per_s = train_flops_per_image(model.C, model.depth, model.V, scales, args) * B / (med / 1000)
+        flops_per_s = flops_per_image * res['batch'] / (res['ms_per_step'] / 1000)
         res['mfu'] = round(flops_per_s / (args.peak_tflops * 1e12), 4)
     else:
         import resource

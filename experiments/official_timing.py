@@ -37,7 +37,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import get_parser, parse, timed, train_flops_per_image  # noqa: E402  (the same flags, measure, FLOPs)
+from bench import get_parser, parse, report, timed, train_flops_per_image  # noqa: E402  (the same flags, measure)
 import cpu_speed  # noqa: E402  (bench.py put the project on the path)
 from common import UserError  # noqa: E402
 
@@ -178,15 +178,7 @@ def bench_training(off, args, device, dtype):
                ms_per_step=med, min_ms=min(times[1:] or times), images_per_s=round(B * 1000 / med, 2))
     if args.mode == 'sar':
         res.update(sar_parts(trainer, var, images, labels, scales, sync))
-    if device.type == 'cuda':
-        res['peak_mem_GiB'] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        flops = train_flops_per_image(var.C, var.depth, var.V, scales, args) * B / (med / 1000)
-        res['mfu'] = round(flops / (args.peak_tflops * 1e12), 4)
-    else:
-        import resource
-        res['peak_rss_GiB'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
-    print(json.dumps(res))
-    return res
+    return report(res, device, train_flops_per_image(var.C, var.depth, var.V, scales, args), args)
 
 
 def sar_parts(trainer, var, images, labels, scales, sync):
