@@ -64,6 +64,29 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
 
+
+def set_threads(n=0):
+    """torch's CPU threads, the project's policy (cpu_speed.set_threads), applied once at the start of main:
+    n if n > 0; else $OMP_NUM_THREADS if set (torch already follows it); else the cores this process may use
+    minus the runnable tasks other processes keep busy now (/proc/loadavg field 4, not the 1-minute average;
+    the median of 10 looks over ~50 ms), at least 1; without /proc, every core. OpenMP threads that share a
+    core with a busy process wait for each other (the domain classifier trained 2-20x slower with 2 threads
+    than with 1 on a busy 2-core machine). Results are bit-identical from run to run for a fixed count; another
+    count trains a slightly different classifier and changes the last digits of a FID (eigh's rounding)."""
+    if n <= 0 and os.environ.get('OMP_NUM_THREADS'):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    busy = []
+    for _ in range(10 if n <= 0 else 0):
+        try:
+            with open('/proc/loadavg') as f:
+                busy.append(int(f.read().split()[3].split('/')[0]) - 1)  # runnable tasks, this one excluded
+        except (OSError, ValueError, IndexError):
+            break
+        time.sleep(0.005)
+    torch.set_num_threads(n if n > 0 else max(1, cores - (sorted(busy)[len(busy) // 2] if busy else 0)))
+    return torch.get_num_threads()
+
 # -----------------------------------------------------------------------------
 # 1. the FID Inception-v3
 
@@ -364,6 +387,14 @@ def rgb_uint8(a, layout):
     return np.repeat(a, 3, -1) if a.shape[-1] == 1 else a[..., :3]
 
 
+def nonfinite(a):
+    """'' when every value of the numeric array a is finite, else how many are not: '2 NaN, 1 inf of 4096'."""
+    a = np.asarray(a)
+    if a.dtype.kind not in 'fc' or np.isfinite(a).all():
+        return ''
+    return f"{np.isnan(a).sum()} NaN, {np.isinf(a).sum()} inf of {a.size}"
+
+
 def check_uint8(dtype, src):
     if dtype != np.uint8:
         raise UserError(f"{src}: images must be uint8 (0..255), got {dtype}; "
@@ -563,6 +594,13 @@ def load_stats(path, tag):
         if not missing and stats[sigma].size != stats[mu].size ** 2:
             raise UserError(f"{path}: '{sigma}' of shape {stats[sigma].shape} does not fit '{mu}' of shape "
                             f"{stats[mu].shape}")
+    for k, a in stats.items():
+        if a.dtype.kind not in 'biuf':
+            raise UserError(f"{path}: '{k}' holds {a.dtype} values, not numbers")
+        if nonfinite(a):  # else FID would come out nan or inf, or eigh would fail to converge
+            hint = "; a covariance of fewer than 2 images is NaN" if k.startswith('sigma') else ""
+            raise UserError(f"{path}: '{k}' holds NaN or inf ({nonfinite(a)} values): recompute the "
+                            f"statistics{hint}")
     return stats
 
 
@@ -583,8 +621,12 @@ def open_side(path, role, tag, image_size=None, split='train', want_images=True)
 
 
 def gaussian_stats(acts):
-    """Mean and unbiased covariance in float64 (float32 accumulators visibly bias FID)."""
+    """Mean and unbiased covariance in float64 (float32 accumulators visibly bias FID); N >= 2 rows (one row's
+    unbiased covariance is 0/0 = NaN)."""
     acts = torch.as_tensor(np.asarray(acts), dtype=torch.float64)
+    if acts.ndim != 2 or len(acts) < 2:
+        raise UserError(f"a covariance needs 2 or more feature vectors, got {len(acts)} of shape "
+                        f"{tuple(acts.shape)}")
     return acts.mean(0).numpy(), torch.cov(acts.T).reshape(acts.shape[1], acts.shape[1]).numpy()
 
 
@@ -607,12 +649,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise UserError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
                         f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
+    bad = [k for k, a in (('mu1', mu1), ('sigma1', s1), ('mu2', mu2), ('sigma2', s2)) if not a.isfinite().all()]
+    if bad:
+        raise UserError(f"statistics with NaN or inf values: {', '.join(bad)}")
     w, v = torch.linalg.eigh(s1)
     r = (v * zero_tiny(w).sqrt()) @ v.T
     m = r @ s2 @ r
     tr_covmean = zero_tiny(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum()
     d = mu1 - mu2
-    return (d @ d + s1.trace() + s2.trace() - 2 * tr_covmean).item()
+    fd = (d @ d + s1.trace() + s2.trace() - 2 * tr_covmean).item()
+    if not math.isfinite(fd):  # finite inputs beyond float64's range: |mu|^2 or Tr(sigma) above ~1e308
+        raise UserError(f"the Frechet distance came out {fd}: the statistics overflow float64")
+    return fd
 
 
 def inception_score(logits, split_size=5000):
@@ -686,11 +734,25 @@ def inception_features(model, images, batch_size=64, resize='tf', device='cpu', 
     feats = [np.concatenate(o) for o in zip(*outs)] or [np.zeros((0, 1))] * 3
     if len(feats[0]) < 2:
         raise UserError(f"{desc}: only {len(feats[0])} of {images.n} images could be decoded; need 2 or more")
+    for name, f in zip(('pool', 'spatial', 'logits'), feats):
+        if nonfinite(f):
+            raise UserError(f"{desc}: the Inception {name} features are not finite ({nonfinite(f)} values): "
+                            f"are the weights the FID Inception's, without NaN or inf?")
     return feats
 
 
 def note(msg):
     print(f"note: {msg}", file=sys.stderr)
+
+
+def finite_results(out):
+    """out, after checking that every metric in it is a finite number: a NaN or inf is never reported as a
+    result. The inputs are checked first (stats files, features), so this is the last line of defence."""
+    bad = [f"{LABELS.get(k, k)} = {v}" for k, v in out.items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise UserError(f"non-finite result(s): {', '.join(bad)}: a numerical failure, not a score")
+    return out
 
 
 def image_side(path, feats):
@@ -737,7 +799,7 @@ def evaluate(samples, ref=None, weights=None, device='cpu', batch_size=64, resiz
         else:
             note("Inception Score skipped: the samples are statistics, not images")
     if r is None:
-        return out
+        return finite_results(out)
     for name, mu, sigma in (('fid', 'mu', 'sigma'), ('sfid', 'mu_s', 'sigma_s')):
         if name in need:
             if all(k in d for d in (s, r) for k in (mu, sigma)):
@@ -752,7 +814,7 @@ def evaluate(samples, ref=None, weights=None, device='cpu', batch_size=64, resiz
         else:
             out['precision'], out['recall'] = precision_recall(r['acts'], s['acts'], block=pr_block,
                                                                device=device)
-    return out
+    return finite_results(out)
 
 # -----------------------------------------------------------------------------
 # 6. the domain classifier: FID in the features of a small CNN trained on the data itself
@@ -819,19 +881,6 @@ def augment(x, gen):
     return x
 
 
-@contextlib.contextmanager
-def single_thread(device):
-    """A 60k-parameter CNN on 32 px images is too small to split across threads: on a busy 2-core machine
-    2 threads measured 2-20x slower per training step than 1 (each waits on the other's preempted core)."""
-    n = torch.get_num_threads()
-    if torch.device(device).type == 'cpu':
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def train_classifier(data, out, image_size=32, steps=600, batch_size=64, lr=3e-3, width=16, seed=0,
                      device='cpu'):
     """Train DomainCNN on a data.py dataset (its train split), report held-out accuracy, save to out."""
@@ -851,17 +900,16 @@ def train_classifier(data, out, image_size=32, steps=600, batch_size=64, lr=3e-3
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    with single_thread(device):
-        for step in (bar := tqdm(range(steps), desc='classifier', file=sys.stderr)):
-            for g in opt.param_groups:  # cosine decay to 0: fast start, no tuning of the epoch count
-                g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            idx = torch.randint(len(x), (batch_size,), generator=gen).to(device)
-            loss = F.cross_entropy(model(augment(x[idx], gen))[1], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % 50 == 0:
-                bar.set_postfix(loss=f'{loss.item():.3f}')
+    for step in (bar := tqdm(range(steps), desc='classifier', file=sys.stderr)):
+        for g in opt.param_groups:  # cosine decay to 0: fast start, no tuning of the epoch count
+            g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(len(x), (batch_size,), generator=gen).to(device)
+        loss = F.cross_entropy(model(augment(x[idx], gen))[1], y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f'{loss.item():.3f}')
     model.eval()
     acc = accuracy(model, *sets['val'])
     ckpt = dict(model=model.state_dict(), num_classes=num_classes, image_size=image_size, width=width,
@@ -914,7 +962,7 @@ def domain_side(name, stats, images, model, class_names, batch_size=64, device='
     if stats is not None:
         return stats
     feats, preds = [], []
-    with exact_fp32(device), single_thread(device):
+    with exact_fp32(device):
         for b in images.batches(batch_size):
             f, logits = model(to_unit(b, model.image_size).to(device))
             feats.append(f.double().cpu().numpy())
@@ -922,6 +970,9 @@ def domain_side(name, stats, images, model, class_names, batch_size=64, device='
     if sum(map(len, feats)) < 2:
         raise UserError(f"{name}: fewer than 2 of {images.n} images could be decoded")
     feats, pred = np.concatenate(feats), np.concatenate(preds)
+    if nonfinite(feats):
+        raise UserError(f"{name}: the classifier's features are not finite ({nonfinite(feats)} values): its "
+                        f"weights hold NaN or inf (a diverged training run?)")
     mu, sigma = gaussian_stats(feats)
     side = dict(mu=mu, sigma=sigma, n=len(feats))
     labels = class_ids(images.labels, class_names)  # after reading: images that failed to decode are left out
@@ -950,7 +1001,7 @@ def domain_metrics(samples, ref=None, clf_path='out/clf.pt', batch_size=64, devi
         out['fid'] = frechet_distance(s['mu'], s['sigma'], r['mu'], r['sigma'])
         if 'acc' in r:
             out['ref_acc'] = r['acc']
-    return out
+    return finite_results(out)
 
 # -----------------------------------------------------------------------------
 # 7. the command line
@@ -1005,6 +1056,9 @@ def build_parser():
     p.add_argument('--steps', type=int, default=600,
                    help="classifier training steps of 64 images (default 600)")
     p.add_argument('--seed', type=int, default=0, help="classifier training seed (default 0)")
+    p.add_argument('--threads', type=int, default=0,
+                   help="torch CPU threads (default 0: $OMP_NUM_THREADS if set, else the cores other "
+                        "processes leave free at start); results are bit-identical for a fixed count")
     return p
 
 
@@ -1022,6 +1076,7 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        set_threads(args.threads)
         if args.train_classifier:
             train_classifier(args.train_classifier, args.out, args.image_size, args.steps, seed=args.seed,
                              device=args.device)

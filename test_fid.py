@@ -8,16 +8,19 @@ Run: python -m pytest -q test_fid.py
 import hashlib
 import importlib.machinery
 import importlib.util
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,11 +37,55 @@ GOLDEN_MAKER = os.path.join(HERE, 'tests', 'fixtures', 'make_inception_golden.py
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
-    # on a busy 2-core machine one torch thread is several times faster than two (see fid.single_thread)
+    # One torch thread for the whole module, in this process and in the fid.py processes it starts. fid.main()
+    # picks a thread count at start (fid.set_threads); $OMP_NUM_THREADS makes it keep this one. Two reasons:
+    # tests compare results of fid.main() with results computed here to the last bit (another thread count
+    # changes the last digits of a FID), and on a busy 2-core machine one thread is the faster.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('OMP_NUM_THREADS', '1')
+        yield
     torch.set_num_threads(n)
+
+
+def test_set_threads_explicit_env_or_free_cores(monkeypatch):
+    before = torch.get_num_threads()
+    looks = iter([])
+
+    def fake_open(path, *a, **k):  # /proc/loadavg: field 4 is runnable/total tasks, this process included
+        assert path == '/proc/loadavg'
+        return io.StringIO(f"3.10 2.50 1.00 {next(looks)}/412 9999\n")
+    monkeypatch.setattr(fid, 'open', fake_open, raising=False)  # fid's global 'open' shadows the builtin
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(time, 'sleep', lambda s: None)
+    try:
+        monkeypatch.setenv('OMP_NUM_THREADS', '2')
+        torch.set_num_threads(3)
+        assert fid.set_threads() == 3  # $OMP_NUM_THREADS set: torch already follows it, left alone
+        assert fid.set_threads(2) == 2  # an explicit count wins over everything, /proc not read
+        monkeypatch.delenv('OMP_NUM_THREADS')
+        # 6 cores; 10 looks at the runnable count (1 = this process alone): median of the others' 0..4 busy
+        looks = iter(['3', '1', '2', '5', '3', '3', '4', '1', '3', '2'])  # others: 2 0 1 4 2 2 3 0 2 1 -> 2
+        assert fid.set_threads() == 6 - 2
+        looks = iter(['40'] * 10)  # more busy tasks than cores: at least one thread
+        assert fid.set_threads() == 1
+        looks = iter(['1'] * 10)  # idle: every core this process may use
+        assert fid.set_threads() == 6
+        looks = iter(['garbage'] * 10)  # unreadable: every core
+        assert fid.set_threads() == 6
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_main_sets_threads_once_at_start(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fid, 'set_threads', lambda n=0: calls.append(n))
+    np.savez(tmp_path / 's.npz', mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(tmp_path / 'r.npz', mu=np.ones(3), sigma=np.eye(3))
+    assert fid.main([str(tmp_path / 's.npz'), str(tmp_path / 'r.npz'), '--threads', '3']) == 0
+    assert fid.main([str(tmp_path / 's.npz'), str(tmp_path / 'r.npz')]) == 0
+    assert calls == [3, 0]
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +143,24 @@ def test_fd_identical_stats_is_zero_up_to_rounding():
         assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-8 * np.trace(s)
 
 
+def test_fd_refuses_nonfinite_statistics_and_overflow():
+    mu, s = np.zeros(4), np.eye(4)
+    for i, bad in enumerate((np.nan, np.inf, -np.inf)):
+        args = [mu.copy(), s.copy(), mu.copy(), s.copy()]
+        args[i % 4][(1,) * args[i % 4].ndim] = bad
+        with pytest.raises(fid.UserError, match=f"NaN or inf values: {['mu1', 'sigma1', 'mu2'][i]}$"):
+            fid.frechet_distance(*args)
+    with pytest.raises(fid.UserError, match='came out inf: the statistics overflow float64'):
+        fid.frechet_distance(np.full(4, 1e200), s, np.full(4, -1e200), s)  # |mu1 - mu2|^2 = 1.6e401
+
+
+def test_gaussian_stats_need_two_rows():
+    with pytest.raises(fid.UserError, match='2 or more feature vectors, got 1'):
+        fid.gaussian_stats(np.ones((1, 5)))  # one row's unbiased covariance is 0/0 = NaN
+    mu, sigma = fid.gaussian_stats(np.array([[0.0, 1.0], [2.0, 5.0]]))
+    assert mu.tolist() == [1.0, 3.0] and sigma.tolist() == [[2.0, 4.0], [4.0, 8.0]]
+
+
 def test_gaussian_stats_are_numpy_mean_and_unbiased_cov():
     a = np.random.default_rng(12).normal(size=(50, 7)).astype(np.float32)
     mu, sigma = fid.gaussian_stats(a)
@@ -138,7 +203,12 @@ def test_fd_rank_deficient_and_monte_carlo():
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(100, 256)), rng.normal(size=(100, 256)) + 0.1  # N < d: singular covariances
     v = fid.frechet_distance(*fid.gaussian_stats(a), *fid.gaussian_stats(b))
-    assert np.isfinite(v) and v > 0
+    # closed form: S = X^T X / (n-1) with X the centred rows; the non-zero eigenvalues of S_a S_b are those of
+    # (X_a X_b^T)(X_a X_b^T)^T / (n-1)^2, so Tr((S_a S_b)^1/2) = nuclear norm of X_a X_b^T / (n-1)
+    xa, xb = a - a.mean(0), b - b.mean(0)
+    expect = (((a.mean(0) - b.mean(0)) ** 2).sum() + ((xa ** 2).sum() + (xb ** 2).sum()
+              - 2 * np.linalg.svd(xa @ xb.T, compute_uv=False).sum()) / 99)
+    assert v == pytest.approx(expect, rel=1e-9)
     # samples of N(0, I) and N(m, diag(4)) in d=4: FD = |m|^2 + 4 * (2-1)^2; the estimate converges as N grows
     d, m = 4, np.array([1.0, 0, 0, 0])
     truth = 1.0 + 4.0
@@ -735,7 +805,7 @@ def test_reference_formats_and_saved_stats(tmp_path, capsys):
     assert 'Precision/Recall skipped' in capsys.readouterr().err
 
 
-def test_cli_end_to_end_with_synthetic_weights(synth, tmp_path, capsys):
+def test_cli_end_to_end_with_synthetic_weights(synth, net, tmp_path, capsys):
     rng = np.random.default_rng(11)
     x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / 'samples.npz', arr_0=x)
@@ -752,7 +822,18 @@ def test_cli_end_to_end_with_synthetic_weights(synth, tmp_path, capsys):
     assert {'is', 'is_std', 'fid', 'sfid', 'precision', 'recall', 'n_samples', 'n_ref', 'resize'} <= set(res)
     assert abs(res['fid']) < 1e-9 and abs(res['sfid']) < 1e-9  # FID(x, x) ~ 0: folder and npz agree
     assert res['precision'] == res['recall'] == 1.0 and res['n_samples'] == res['n_ref'] == 4
-    assert 1 <= res['is'] <= 4
+    # the Inception Score by hand: p(y|x) = softmax(pool @ fc.weight^T) (no bias), one split (4 < 5000),
+    # IS = exp(mean_x KL(p(y|x) || p(y))) with p(y) the mean of p(y|x) over the split
+    with torch.no_grad():
+        pool = net(fid.preprocess(x))[0].double().numpy()
+    logits = pool @ synth[0]['fc.weight'].double().numpy().T
+    logp = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+    p = np.exp(logp)
+    expect = np.exp((p * (logp - np.log(p.mean(0)))).sum(1).mean())
+    # the random fc weights make the 4 predictions differ little (IS - 1 ~ 3e-4), so compare IS - 1 (the
+    # KL part) to 0.1%: 1.0, or any IS within [1, 4] that is not this one, fails
+    assert 1e-4 < expect - 1 < 1e-2
+    assert res['is'] - 1 == pytest.approx(expect - 1, rel=1e-3) and res['is_std'] == 0.0
 
 
 def test_guard_rails(tmp_path, capsys):
@@ -916,6 +997,91 @@ def test_bad_statistics_files(tmp_path, capsys):
     assert 'missing.npz not found' in cli_error(tmp_path, capsys, s, tmp_path / 'missing.npz')
 
 
+def test_nonfinite_statistics_are_refused_before_any_feature(tmp_path, capsys):
+    # a stats file with NaN or inf: one line naming the file and the array, before the Inception weights are
+    # looked for (cli_error passes an absent weights file) and before anything is written
+    rng = np.random.default_rng(26)
+    s = tmp_path / 's.npz'
+    np.savez(s, arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    acts = rng.normal(size=(30, 16))
+    good = dict(mu=acts.mean(0), sigma=np.cov(acts, rowvar=False), mu_s=acts[:, :4].mean(0),
+                sigma_s=np.cov(acts[:, :4], rowvar=False), acts=acts)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        one = np.cov(acts[:1], rowvar=False)  # what numpy (and pytorch-fid) give for a single image: all NaN
+    cases = {'nan_sigma': ('sigma', np.where(np.eye(16, dtype=bool), np.nan, good['sigma']), '16 NaN, 0 inf'),
+             'inf_mu': ('mu', np.r_[np.inf, good['mu'][1:]], '0 NaN, 1 inf of 16'),
+             'nan_mu_s': ('mu_s', np.full(4, np.nan), '4 NaN'),
+             'inf_sigma_s': ('sigma_s', np.where(np.eye(4, dtype=bool), -np.inf, 0.0), '0 NaN, 4 inf of 16'),
+             'nan_acts': ('acts', np.where(np.arange(16) == 7, np.nan, acts), '30 NaN, 0 inf of 480'),
+             'one_image': ('sigma', one, '256 NaN, 0 inf of 256')}
+    for name, (key, arr, count) in cases.items():
+        np.savez(tmp_path / f'{name}.npz', **{**good, key: arr})
+        for args in ((s, tmp_path / f'{name}.npz'), (tmp_path / f'{name}.npz', s)):  # as REF and as SAMPLES
+            msg = cli_error(tmp_path, capsys, *args)
+            assert f"{name}.npz: '{key}' holds NaN or inf (" in msg and 'recompute' in msg, msg
+            assert count in msg, msg
+            assert ('fewer than 2 images' in msg) == key.startswith('sigma'), msg
+    assert "'sigma' holds NaN or inf (16 NaN, 0 inf of 256 values)" in cli_error(
+        tmp_path, capsys, s, tmp_path / 'nan_sigma.npz')
+    np.savez(tmp_path / 'text_mu.npz', mu=np.array(['a'] * 16), sigma=good['sigma'])
+    assert "'mu' holds <U1 values, not numbers" in cli_error(tmp_path, capsys, s, tmp_path / 'text_mu.npz')
+    # two stats files: refused the same way, nothing printed as a score
+    np.savez(tmp_path / 'good.npz', **good)
+    assert "inf_mu.npz: 'mu'" in cli_error(tmp_path, capsys, tmp_path / 'good.npz', tmp_path / 'inf_mu.npz')
+
+
+class NaNStub(nn.Module):
+    """StubInception whose features turn NaN for an image that is all zeros (a stand-in for weights with NaN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stub = StubInception()
+
+    def forward(self, x):
+        outs = self.stub(x)
+        dead = (x == -1).flatten(1).all(1)[:, None]  # (0 - 128) / 128 = -1 everywhere
+        return tuple(torch.where(dead, torch.nan, o) for o in outs)
+
+
+def test_nonfinite_features_are_an_error_not_a_score(tmp_path, capsys):
+    rng = np.random.default_rng(27)
+    x = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    y = x.copy()
+    y[3] = 0
+    np.savez(tmp_path / 'x.npz', arr_0=x)
+    np.savez(tmp_path / 'y.npz', arr_0=y)
+    stats = tmp_path / 'stats.npz'
+    for samples, ref in (('y', 'x'), ('x', 'y'), ('y', None)):
+        with pytest.raises(fid.UserError, match=r"y.npz: the Inception pool features are not finite "
+                                                r"\(2048 NaN, 0 inf of 10240 values\)"):
+            fid.evaluate(str(tmp_path / f'{samples}.npz'), ref and str(tmp_path / f'{ref}.npz'), model=NaNStub(),
+                         save_stats_path=str(stats))
+        assert not stats.exists()
+    res = fid.evaluate(str(tmp_path / 'x.npz'), str(tmp_path / 'x.npz'), model=NaNStub(), metrics=('fid',))
+    assert abs(res['fid']) < 1e-6  # the stub itself is fine on images that are not all black
+
+
+def test_nonfinite_metric_is_never_printed(tmp_path, capsys, monkeypatch):
+    # the last line of defence: a metric that comes out NaN or inf from inputs that passed every check
+    rng = np.random.default_rng(28)
+    np.savez(tmp_path / 'x.npz', arr_0=rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    monkeypatch.setattr(fid, 'inception_score', lambda logits: (float('nan'), 0.0))
+    with pytest.raises(fid.UserError, match=r'non-finite result\(s\): Inception Score = nan: a numerical'):
+        fid.evaluate(str(tmp_path / 'x.npz'), model=StubInception(), metrics=('is', 'fid'))
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **k: StubInception())
+    js = tmp_path / 'res.json'
+    assert fid.main([str(tmp_path / 'x.npz'), '--json', str(js)]) == 2
+    out, err = capsys.readouterr()
+    assert out == '' and not js.exists()
+    assert err.strip().split('\n')[-1] == 'error: non-finite result(s): Inception Score = nan: a numerical ' \
+        'failure, not a score'
+    monkeypatch.setattr(fid, 'precision_recall', lambda *a, **k: (0.5, float('inf')))
+    monkeypatch.setattr(fid, 'inception_score', lambda logits: (2.0, float('nan')))
+    with pytest.raises(fid.UserError, match=r'non-finite result\(s\): is_std = nan, Recall = inf: '):
+        fid.evaluate(str(tmp_path / 'x.npz'), str(tmp_path / 'x.npz'), model=StubInception())
+
+
 def fd_to_isotropic(pool, mu, c):
     """FID between the Gaussian of pool (n x 2048, n small) and N(mu, c I) in closed form: |m - mu|^2 + Tr(S)
     + c d
@@ -1047,6 +1213,32 @@ def test_domain_classifier_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.split('\n')[:3] == [f"FID: {real['fid']}", f"Accuracy: {real['acc']}",
                                                        f"Reference accuracy: {real['ref_acc']}"]
     assert json.load(open(js))['fid'] == real['fid']
+
+
+def test_domain_nonfinite_weights_and_statistics(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = fid.DomainCNN(4, 16, 4)
+    ck = dict(model=model.state_dict(), num_classes=4, image_size=16, width=4, class_names=list('abcd'))
+    clf, bad_clf = str(tmp_path / 'clf.pt'), str(tmp_path / 'bad_clf.pt')
+    torch.save(ck, clf)
+    sd = {k: v.clone() for k, v in ck['model'].items()}
+    sd['body.0.weight'][0, 0, 1, 1] = torch.nan  # a diverged training run
+    torch.save({**ck, 'model': sd}, bad_clf)
+    x, y = line_images(12, 16, 3)
+    np.savez(tmp_path / 'a.npz', arr_0=x, labels=y)
+    # one NaN weight in the first conv reaches every feature of every image (the next layers mix channels)
+    with pytest.raises(fid.UserError, match=r"a.npz: the classifier's features are not finite \(192 NaN, 0 inf "
+                                            r"of 192 values\): its weights hold NaN"):
+        fid.domain_metrics(str(tmp_path / 'a.npz'), clf_path=bad_clf)
+    tag = fid.load_classifier(clf)[2]
+    feats = np.random.default_rng(0).normal(size=(20, 16))
+    sigma = np.cov(feats, rowvar=False)
+    sigma[2, 5] = np.nan
+    np.savez(tmp_path / 'nan_stats.npz', features=np.array(tag), mu=feats.mean(0), sigma=sigma)
+    msg = cli_error(tmp_path, capsys, tmp_path / 'a.npz', tmp_path / 'nan_stats.npz', '--features', clf)
+    assert "nan_stats.npz: 'sigma' holds NaN or inf (1 NaN, 0 inf of 256 values)" in msg
+    res = fid.domain_metrics(str(tmp_path / 'a.npz'), str(tmp_path / 'a.npz'), clf)
+    assert abs(res['fid']) < 1e-9 and 0 <= res['acc'] <= 1  # the good classifier works on the same inputs
 
 
 @pytest.mark.skipif(not os.path.isdir(MNIST), reason='MNIST not found: set MNIST=<folder with the IDX files>')
