@@ -70,8 +70,8 @@ def set_threads(n=0):
     n if n > 0; else $OMP_NUM_THREADS if set (torch already follows it); else the cores this process may use
     minus the runnable tasks other processes keep busy now (/proc/loadavg field 4, not the 1-minute average;
     the median of 10 looks over ~50 ms), at least 1; without /proc, every core. OpenMP threads that share a
-    core with a busy process wait for each other (the domain classifier trained 2-20x slower with 2 threads
-    than with 1 on a busy 2-core machine). Results are bit-identical from run to run for a fixed count; another
+    core with a busy process wait for each other, which slows a small network several times over (measured:
+    docs/benchmarks.md, "On a busy machine"). Results are bit-identical from run to run for a fixed count; another
     count trains a slightly different classifier and changes the last digits of a FID (eigh's rounding)."""
     if n <= 0 and os.environ.get('OMP_NUM_THREADS'):
         return torch.get_num_threads()
