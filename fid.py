@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import zipfile
 
@@ -63,6 +64,24 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_writable(path, flag):
+    """A file can be written at path: checked before the work, not after it (as common.check_writable). Creates
+    nothing: the nearest folder on the path that exists takes a temporary file."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; give a file path")
+    d = os.path.dirname(path)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"{flag} {path} cannot be written: {d} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
 
 
 def set_threads(n=0):
@@ -1076,6 +1095,10 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        outputs = (('--out', args.out if args.train_classifier else None), ('--json', args.json),
+                   ('--save-stats', args.save_stats))
+        for flag, path in outputs:          # every output path before any work
+            check_writable(path, flag) if path else None
         set_threads(args.threads)
         if args.train_classifier:
             train_classifier(args.train_classifier, args.out, args.image_size, args.steps, seed=args.seed,

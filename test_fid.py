@@ -1249,3 +1249,17 @@ def test_domain_classifier_reads_mnist(tmp_path):
     ck = torch.load(clf, weights_only=True)
     assert ck['num_classes'] == 10 and ck['image_size'] == 32
     assert ck['class_names'] == [str(i) for i in range(10)]
+
+
+@pytest.mark.parametrize('flag', ['--json', '--save-stats', '--out'])
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys, flag):
+    """An output that cannot be written (a path under a regular file) is refused in one line before the
+    inputs are read, the weights looked up or a classifier trained: the inputs here do not even exist."""
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    bad = str(blocker / 'sub' / 'x.out')
+    argv = ['--train-classifier', str(tmp_path / 'nope'), '--out', bad] if flag == '--out' else \
+        [str(tmp_path / 'nope.npz'), str(tmp_path / 'nope2.npz'), '--weights', str(tmp_path / 'absent.pth'), flag, bad]
+    assert fid.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: {flag} ') and 'cannot be written' in err and '\n' not in err, err
