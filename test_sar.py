@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,14 +88,27 @@ def test_fixture_tf_logits_and_mask(fx):
 
 
 def test_fixture_sf_logits(fx):
+    """The official student-forcing pass (transition 5 -> 8, argmax tokens of scale 5) in its two halves: our
+    upsampled input equals the official `sf_input`, our forward on the official input gives the official
+    `sf_logits`, and sar.student_pass (both halves together) gives them too."""
     model, vae = fixture_var(fx), fixture_vae(fx)
-    k = fx['sf_scale_index']
-    src = fx['tf_logits'][:, sum(p * p for p in fx['scales'][:k]):sum(p * p for p in fx['scales'][:k + 1])].argmax(-1)
-    assert torch.equal(src, fx['sf_src_idx'])
+    k, scales = fx['sf_scale_index'], fx['scales']
+    a, b = sar.begin_ends(scales)[k]
+    src = sar.ssr_draw(model, fx['tf_logits'], fx['tf_input'], fx['labels'], scales, [k], sar.SFDraw('argmax'))[k]
+    assert torch.equal(src, fx['sf_src_idx']) and torch.equal(src, fx['tf_logits'][:, a:b].argmax(-1))
+    assert fx['sf_patch_nums'] == [1, scales[k + 1]] == [1, 8]
     with torch.no_grad():
-        logits, which = sar.student_pass(model, vae, fx['labels'], {k: src}, fx['scales'], 'last')
-    assert which == [len(fx['scales']) - 1]
+        torch.testing.assert_close(sar.scale_shift(vae, src, scales[k], scales[k + 1]), fx['sf_input'],
+                                   atol=1e-4, rtol=0)
+        direct = model(fx['labels'], fx['sf_input'], fx['sf_patch_nums'], first_pos=False)[:, 1:]
+        logits, which = sar.student_pass(model, vae, fx['labels'], {k: src}, scales, 'last')
+    torch.testing.assert_close(direct, fx['sf_logits'], atol=1e-4, rtol=0)
+    assert which == [len(scales) - 1]
     torch.testing.assert_close(logits, fx['sf_logits'], atol=1e-4, rtol=0)
+    # pos_start stays off the class token in this pass (as in the official code): with it, the logits move
+    with torch.no_grad():
+        with_pos = model(fx['labels'], fx['sf_input'], fx['sf_patch_nums'])[:, 1:]
+    assert (with_pos - fx['sf_logits']).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize('mode', ['tf', 'sar'])
@@ -152,13 +166,16 @@ def small_vae(V=64, seed=0):
                            num_res_blocks=1).eval().requires_grad_(False)
 
 
-def test_block_causal_mask_matches_definition():
-    scales = [1, 2, 4, 5]
-    m = sar.block_causal_mask(scales)
-    d = [i for i, pn in enumerate(scales) for _ in range(pn * pn)]
-    for q in range(len(d)):
-        for k in range(len(d)):
-            assert bool(m[q, k]) == (d[q] >= d[k])
+def test_block_causal_mask_written_out():
+    """The mask for two tiny scale lists, written out by hand (1 = may attend): a token sees its own scale and
+    every coarser one, never a finer one. The official mask for 1,2,3,5,8 is test_fixture_tf_logits_and_mask."""
+    assert sar.block_causal_mask([1, 2]).int().tolist() == [[1, 0, 0, 0, 0],
+                                                            [1, 1, 1, 1, 1],
+                                                            [1, 1, 1, 1, 1],
+                                                            [1, 1, 1, 1, 1],
+                                                            [1, 1, 1, 1, 1]]
+    # a first scale above 1 (FlexVAR's lists may start anywhere): the 4 tokens of 2x2 see each other only
+    assert sar.block_causal_mask([2, 3]).int().tolist() == [[1] * 4 + [0] * 9] * 4 + [[1] * 13] * 9
 
 
 def test_causality_changing_a_scale_input_only_affects_it_and_finer():
@@ -391,6 +408,71 @@ def test_the_full_scale_list_also_goes_through_the_random_drop():
     assert len(dropped) == 9 and dropped[:2] == [1, 2] and dropped[-1] == 16
 
 
+def test_random_scales_invariants_on_any_scale_list():
+    """10,000 random (--scales, step) pairs, the step seeded as the training loop seeds it. The schedule's
+    first draw picks the branch: below 0.05 the given list itself, else a list that always starts [1, 2]
+    ([1] when the finest side is 2). The drops after it never remove the first element, so the result starts
+    with the smallest side of the drawn list: default[0] in the full-list branch, 1 in the random one. It
+    keeps at least two scales, stays strictly increasing, never goes finer than the given list, and never
+    holds more tokens than the given list (the budget)."""
+    gen = random.Random(1234)
+    branches = set()
+    for _ in range(10_000):
+        n = gen.randint(2, 12)
+        first = 1 if gen.random() < 0.5 else gen.randint(1, 20)
+        default = [first] + sorted(gen.sample(range(first + 1, 33), n - 1))      # finest up to 32
+        seed, step = gen.randrange(1000), gen.randrange(10_001)
+        got = sar.random_scales(default, random.Random(common.step_seed(seed, step)))
+        full = random.Random(common.step_seed(seed, step)).random() < 0.05     # the branch, from the same seed
+        branches.add(full)
+        ctx = (default, seed, step, got)
+        assert got[0] == (default[0] if full else 1), ctx
+        assert len(got) >= 2 and all(b > a for a, b in zip(got, got[1:])), ctx
+        assert got[-1] <= default[-1], ctx
+        assert sum(p * p for p in got) <= sum(p * p for p in default), ctx
+        assert not full or set(got) <= set(default), ctx                     # the full branch only drops
+    assert branches == {True, False}
+
+
+def old_random_scales(default, rng):
+    """The schedule before it kept the first scale: built [1, 2] + ... + [final] whatever the finest side, and
+    popped at randint(len - 4, len - 1) until the list fit the budget, with no guard (index -1 pops the last
+    scale, 0 the first; nothing stops at one scale)."""
+    final, budget = default[-1], sum(p * p for p in default)
+    if rng.random() < 0.05:
+        scales = list(default)
+    else:
+        split = round(final * 10 / 16)
+        lo, hi = list(range(3, split + 1)), list(range(split + 1, final))
+        scales = [1, 2] + sorted(rng.sample(lo, min(5, len(lo))) + rng.sample(hi, min(2, len(hi)))) + [final]
+    u = rng.random()
+    for threshold in (0.9, 0.95, 0.98, 0.99):
+        if u > threshold and len(scales) > 4:
+            scales.pop(rng.randint(2, len(scales) - 2))
+    while sum(p * p for p in scales) > budget:
+        scales.pop(rng.randint(len(scales) - 4, len(scales) - 1))
+    return scales
+
+
+def test_short_scale_list_trains_with_the_random_schedule(tiny_vae_path, tmp_path):
+    """--scales 1,2,4: the random list [1, 2, 3, 4] holds 30 tokens, over the budget of 21, so the schedule
+    drops scales. The old drop rule gave a one-scale list at some step of this run (shown here by running it
+    with the same seeds), which crashed training; now every step trains on a valid list, the one the schedule
+    gives for that step."""
+    steps = 8
+    seeds = [common.step_seed(0, s) for s in range(steps)]
+    crash = [s for s in range(steps) if len(old_random_scales([1, 2, 4], random.Random(seeds[s]))) < 2]
+    assert crash, "no step of this run would have had a one-scale list under the old rule"
+    out = tmp_path / 'short'
+    sar.main(train_args(tiny_vae_path, str(out), '--scales', '1,2,4', '--mode', 'sar', '--sf-input', 'argmax',
+                        '--steps', str(steps), '--batch-size', '2'))
+    recs = [json.loads(line) for line in open(out / 'log.jsonl')]
+    assert [r['step'] for r in recs] == list(range(1, steps + 1))
+    assert [r['scales'] for r in recs] == [sar.random_scales([1, 2, 4], random.Random(s)) for s in seeds]
+    assert all(len(r['scales']) >= 2 and r['scales'][0] == 1 and np.isfinite(r['loss']) for r in recs)
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == steps
+
+
 def test_lr_schedule_closed_form():
     f = lambda s: common.lr_at(s, 1000, 1.0, 100, 0.1, 0.05)
     assert f(0) == pytest.approx(0.005) and f(50) == pytest.approx(0.005 + 0.995 * 0.5)
@@ -429,11 +511,13 @@ def test_weight_decay_groups():
 
 
 def test_fp16_overflow_step_is_skipped_and_the_scale_capped():
-    """Official AMP: an inf gradient skips the step (weights and Adam state unchanged) and halves the scale;
-    training goes on; the scale never exceeds 32768 however many good steps grow it."""
+    """Official AMP: sar.py's GradScaler (init scale 2^11) with growth every step instead of every 1000: good
+    steps double the scale 2^12, 2^13, 2^14, 2^15 and then it stays at exactly 32768 (the cap); an inf
+    gradient halves it and skips the step (weights and Adam state unchanged); the next good step grows it
+    again."""
     model = small_model()
     opt = sar.make_optimizer(model, 1e-3, 0.05)
-    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 14, growth_interval=1)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 11, growth_interval=1)
     x, lab = torch.randn(2, 13, 32), torch.tensor([1, 2])
 
     def step(poison=False):
@@ -443,17 +527,20 @@ def test_fp16_overflow_step_is_skipped_and_the_scale_capped():
         if poison:
             model.head.weight.grad[0, 0] = float('inf')
         return sar.optimizer_step(model, opt, scaler, 2.0)
-    step()
-    before = [p.detach().clone() for p in model.parameters()]
-    scale = scaler.get_scale()
-    assert not torch.isfinite(step(poison=True))
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))       # skipped
-    assert scaler.get_scale() == scale / 2
     scales = []
-    for _ in range(6):
+    for _ in range(7):
         assert torch.isfinite(step())
         scales.append(scaler.get_scale())
-    assert max(scales) == 32768.0 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scales == [2. ** 12, 2. ** 13, 2. ** 14, 32768., 32768., 32768., 32768.]
+    before = [p.detach().clone() for p in model.parameters()]
+    adam = copy.deepcopy(opt.state_dict()['state'])
+    assert not torch.isfinite(step(poison=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))       # skipped
+    after = opt.state_dict()['state']
+    assert all(torch.equal(adam[i][k], after[i][k]) for i in adam for k in adam[i])
+    assert scaler.get_scale() == 16384.0
+    assert torch.isfinite(step()) and scaler.get_scale() == 32768.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -478,10 +565,19 @@ def weights(path):
     return sar.extract_state_dict(torch.load(path, weights_only=True))
 
 
+def scale_lists(scales, steps, seed=0):
+    """The random schedule's list at each step of a run, drawn as the training loop draws it."""
+    return [sar.random_scales(scales, random.Random(common.step_seed(seed, s))) for s in range(steps)]
+
+
 def test_resume_continues_exactly(tiny_vae_path, tmp_path):
     """SAR's default LR is constant below depth 12, so 3 steps, then 3 more with --resume, must give exactly
-    the weights of 6 uninterrupted steps (data order, flips, scale lists and SF draws come from the step)."""
-    common = ('--mode', 'sar', '--ckpt-every', '100', '--sf-input', 'sample', '--flip')
+    the weights of 6 uninterrupted steps (data order, flips, scale lists and SF draws come from the step).
+    --scales 1,2,4 is over the token budget in the random branch, so the list changes from step to step, also
+    across the resume point."""
+    lists = scale_lists([1, 2, 4], 6)
+    assert lists[2] != lists[3] and len({tuple(s) for s in lists[3:]}) > 1, lists
+    common = ('--mode', 'sar', '--ckpt-every', '100', '--sf-input', 'sample', '--flip', '--scales', '1,2,4')
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'a'), *common, '--steps', '6'))
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'b'), *common, '--steps', '3'))
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
@@ -489,6 +585,34 @@ def test_resume_continues_exactly(tiny_vae_path, tmp_path):
     wa, wb = weights(tmp_path / 'a' / 'ckpt.pt'), weights(tmp_path / 'b' / 'ckpt.pt')
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 6
+    assert [json.loads(line)['scales'] for line in open(tmp_path / 'b' / 'log.jsonl')] == lists
+
+
+def test_resumed_log_holds_every_step_once(tiny_vae_path, tmp_path):
+    """A run killed after its checkpoint of step 2 had logged steps 3 and 4 and half a line of step 5 (made up
+    here, with a loss no step gives). --resume runs steps 3 and 4 again: log.jsonl then holds steps 1..4 once
+    each, in order; the records up to the checkpoint are kept byte for byte, those after it are the new ones,
+    equal to an uninterrupted run's (SAR: a constant LR, so the runs of 2 and 4 steps share their first 2).
+    A new run (no --resume) in the same folder starts the log afresh."""
+    out, full, sar_ = tmp_path / 'k', tmp_path / 'full', ('--mode', 'sar', '--sf-input', 'argmax')
+    sar.main(train_args(tiny_vae_path, str(out), *sar_, '--steps', '2', '--ckpt-every', '2'))
+    kept = open(out / 'log.jsonl').read()
+    assert [json.loads(line)['step'] for line in kept.splitlines()] == [1, 2]
+    with open(out / 'log.jsonl', 'a') as f:
+        for step in (3, 4):
+            f.write(json.dumps(dict(step=step, loss=999.0, grad_norm=999.0)) + '\n')
+        f.write('{"step": 5, "loss": 9')                                     # cut short by the kill
+    sar.main(train_args(tiny_vae_path, str(out), *sar_, '--steps', '4', '--ckpt-every', '2', '--resume'))
+    text = open(out / 'log.jsonl').read()
+    assert text.startswith(kept)
+    recs = [json.loads(line) for line in text.splitlines()]
+    assert [r['step'] for r in recs] == [1, 2, 3, 4] and 999.0 not in [r['loss'] for r in recs]
+    sar.main(train_args(tiny_vae_path, str(full), *sar_, '--steps', '4', '--ckpt-every', '2'))
+    ref = log_records(full)
+    for k in ('loss', 'grad_norm', 'lr', 'scales'):
+        assert [r[k] for r in recs] == [r[k] for r in ref], k
+    sar.main(train_args(tiny_vae_path, str(out), *sar_, '--steps', '1'))
+    assert [r['step'] for r in log_records(out)] == [1]
 
 
 def test_images_per_second_counts_the_steps_since_the_last_log(tiny_vae_path, tmp_path, monkeypatch):
@@ -503,30 +627,64 @@ def test_images_per_second_counts_the_steps_since_the_last_log(tiny_vae_path, tm
 
 
 def test_fp16_training_runs_with_the_official_scaler(tiny_vae_path, tmp_path):
+    """The official scaler in the loop: it starts at 2^11 and grows only after 1000 good steps, so in 3 steps
+    the logged scale is 2048 halved once for every step whose gradients overflowed (inf grad norm), and the
+    checkpoint keeps the last one."""
     out = tmp_path / 'fp16'
     sar.main(train_args(tiny_vae_path, str(out), '--mode', 'sar', '--steps', '3', '--dtype', 'fp16'))
     ck = torch.load(out / 'ckpt.pt', weights_only=True)
-    assert ck['step'] == 3 and ck['scaler']['scale'] <= 32768.0
-    assert 'fp16_scale' in json.loads(open(out / 'log.jsonl').readlines()[-1])
+    recs = [json.loads(line) for line in open(out / 'log.jsonl')]
+    assert ck['step'] == 3 and [r['step'] for r in recs] == [1, 2, 3]
+    expect, overflowed, good_run = [], 0, 0
+    for r in recs:
+        bad = not np.isfinite(r['grad_norm'])
+        overflowed, good_run = overflowed + bad, 0 if bad else good_run + 1
+        expect.append(2048.0 / 2 ** overflowed)
+    assert [r['fp16_scale'] for r in recs] == expect and ck['scaler']['scale'] == expect[-1]
+    # the good steps since the last overflow, counted towards the next growth
+    assert ck['scaler']['growth_interval'] == 1000 and ck['scaler']['_growth_tracker'] == good_run
 
 
 def test_compile_runs_a_few_steps(tiny_vae_path, tmp_path):
-    """--compile (inductor; on CPU it needs a C++ compiler) trains like the eager model: a SAR run, whose
-    random scale list and student pass change the sequence length from call to call."""
+    """--compile (inductor; on CPU it needs a C++ compiler) trains like the eager model: a SAR run whose random
+    scale list differs at every step (--scales 1,2,4, --seed 1: three lists of 21, 10 and 14 tokens, checked
+    below), and whose student pass has its own length, so the compiled blocks see a new shape at each call."""
+    lists = scale_lists([1, 2, 4], 3, seed=1)
+    assert len({sum(p * p for p in s) for s in lists}) == 3, lists
     common = ('--steps', '3', '--mode', 'sar', '--sf-input', 'argmax', '--cond-drop', '0', '--drop-path', '0',
-              '--no-flip', '--dtype', 'fp32')
+              '--no-flip', '--dtype', 'fp32', '--scales', '1,2,4', '--seed', '1')
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'eager'), *common))
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'compiled'), *common, '--compile'))
     wa, wb = weights(tmp_path / 'eager' / 'ckpt.pt'), weights(tmp_path / 'compiled' / 'ckpt.pt')
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+    assert [json.loads(line)['scales'] for line in open(tmp_path / 'compiled' / 'log.jsonl')] == lists
+
+
+def log_records(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+
+
+def assert_same_steps(ref, got, rel=1e-5):
+    """Two runs of the same global batch log the same numbers at every step: the loss, its parts, and the
+    gradient norm before clipping (a gradient summed instead of averaged over processes or micro-batches
+    would log twice the norm)."""
+    assert [r['step'] for r in got] == [r['step'] for r in ref] and [r['scales'] for r in got] == \
+        [r['scales'] for r in ref]
+    for a, b in zip(ref, got):
+        for k in ('loss', 'loss_tf', 'loss_csf', 'grad_norm'):
+            assert b[k] == pytest.approx(a[k], rel=rel), (a['step'], k, a[k], b[k])
 
 
 def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
-    """Flips are drawn per image from its place in the global batch, so they agree across world sizes; class
-    dropout and drop-path are drawn per rank (turned off here)."""
+    """2 processes (torchrun, gloo) of 2 images each vs 1 process of 4: the same weights, and per step the same
+    logged loss, loss_tf, loss_csf and gradient norm (every logged number is the mean over the processes, as
+    the gradients are). Flips are drawn per image from its place in the global batch and the scale list per
+    step, so they agree across world sizes; class dropout, drop-path and SF sampling draw from per-rank
+    generators, so they are turned off here (--cond-drop 0, --drop-path 0, --sf-input argmax), and the
+    fixed schedule keeps the list the same for both (the random one would too: it is seeded by the step)."""
     common = ('--steps', '3', '--scale-schedule', 'fixed', '--cond-drop', '0', '--drop-path', '0',
-              '--mode', 'sar', '--sf-input', 'argmax', '--flip')
+              '--mode', 'sar', '--sf-input', 'argmax', '--flip', '--log-every', '1')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     one = [sys.executable, 'sar.py', *train_args(tiny_vae_path, str(tmp_path / 'one'), *common)]
     two = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'sar.py',
@@ -539,6 +697,27 @@ def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
     ck = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
     assert ck['step'] == 3 and any(s['exp_avg'].abs().sum() > 0 for s in ck['optimizer']['state'].values())
+    ref = log_records(tmp_path / 'one')
+    assert [r['step'] for r in ref] == [1, 2, 3] and all(r['grad_norm'] > 0 for r in ref)
+    assert_same_steps(ref, log_records(tmp_path / 'two'))
+
+
+def test_grad_accum_equals_one_big_batch_per_step(tiny_vae_path, tmp_path):
+    """--grad-accum 2 (two micro-batches of 2) vs --grad-accum 1 (one batch of 4), 1 process: the same images
+    per step (their place in the global batch decides them), so the same logged loss, loss parts and gradient
+    norm at every step (the loss is divided by --grad-accum before backward; without it the norm would
+    double). Drop-path and class dropout draw per micro-batch from one step generator, and SF sampling
+    consumes it in another order, so all three are off (--drop-path 0, --cond-drop 0, --sf-input argmax)."""
+    common = ('--steps', '3', '--cond-drop', '0', '--drop-path', '0', '--mode', 'sar', '--sf-input', 'argmax',
+              '--flip', '--scales', '1,2,4')
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'a1'), *common, '--grad-accum', '1'))
+    sar.main(train_args(tiny_vae_path, str(tmp_path / 'a2'), *common, '--grad-accum', '2'))
+    ref = log_records(tmp_path / 'a1')
+    assert [r['step'] for r in ref] == [1, 2, 3] and all(r['grad_norm'] > 0 for r in ref)
+    assert_same_steps(ref, log_records(tmp_path / 'a2'))
+    wa, wb = weights(tmp_path / 'a1' / 'ckpt.pt'), weights(tmp_path / 'a2' / 'ckpt.pt')
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5)
 
 
 def error_of(capsys, argv, main=sar.main):
@@ -609,6 +788,84 @@ def test_checkpoint_needing_unpickling_is_refused_without_trust(capsys, tiny_vae
     assert '--trust-checkpoint' in err
     sar.main(train_args(tiny_vae_path, str(tmp_path / 'o'), '--init', path, '--steps', '1', '--trust-checkpoint'))
     assert torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['step'] == 1
+
+
+@pytest.fixture(scope='module')
+def depth1_ckpt(tiny_vae_path, tmp_path_factory):
+    """A checkpoint of ours: one step of the depth-1 model of train_args."""
+    out = tmp_path_factory.mktemp('depth1')
+    sar.main(train_args(tiny_vae_path, str(out), '--steps', '1'))
+    return str(out / 'ckpt.pt')
+
+
+@pytest.mark.parametrize('flags,needles', [
+    (['--drop-path', '2'], ['--drop-path 2.0 is out of range', 'in [0, 1)']),
+    (['--weight-decay', '-1'], ['--weight-decay -1.0 is out of range', '>= 0']),
+    (['--lr', 'nan'], ['--lr nan is out of range', '> 0']),
+    (['--lr', 'inf'], ['--lr inf is out of range', '> 0']),
+    (['--steps', '-5'], ['--steps -5 is out of range', '>= 1'])])
+def test_out_of_range_flag_is_named_alone(capsys, tmp_path, flags, needles):
+    """The flag as typed, and only it: --steps -5 is not reported as the --warmup-steps it would imply."""
+    out = tmp_path / 'never'
+    err = error_of(capsys, ['--out-dir', str(out), *flags])
+    assert all(n in err for n in needles) and '--warmup-steps' not in err, err
+    assert not out.exists()
+
+
+def test_image_size_must_be_a_multiple_of_the_tokenizer_downsample(capsys, tiny_vae_path, tmp_path):
+    ds = tokenizer.load_tokenizer(tiny_vae_path).downsample
+    assert ds > 1
+    size = 8 * ds - ds // 2                      # 30 for a 4x tokenizer; its latent (7) still fits 1,2,3,4
+    err = error_of(capsys, train_args(tiny_vae_path, str(tmp_path / 'o'), '--image-size', str(size), '--steps', '1'))
+    assert f'--image-size {size}' in err and 'multiple' in err and f'factor {ds}' in err, err
+    assert not (tmp_path / 'o').exists()
+
+
+def test_flags_the_command_does_not_read_are_refused(capsys, tiny_vae_path, depth1_ckpt, tmp_path):
+    err = error_of(capsys, ['--sample', '--ckpt', depth1_ckpt, '--init', depth1_ckpt, '--out-dir', str(tmp_path)])
+    assert '--sample' in err and 'does not read --init' in err, err
+    err = error_of(capsys, train_args(tiny_vae_path, str(tmp_path / 'o'), '--steps', '1', '--num-samples', '5'))
+    assert 'training does not read --num-samples' in err, err
+    assert os.listdir(tmp_path) == []                                 # no samples, no training run
+
+
+def test_resume_into_a_run_of_another_depth_names_both_depths(capsys, tiny_vae_path, depth1_ckpt, tmp_path):
+    out = tmp_path / 'run'
+    os.makedirs(out)
+    shutil.copy(depth1_ckpt, out / 'ckpt.pt')
+    err = error_of(capsys, train_args(tiny_vae_path, str(out), '--depth', '2', '--steps', '2', '--resume'))
+    assert 'depth-1' in err and '--depth is 2' in err and '--depth 1' in err and 'key' not in err, err
+
+
+def _unpickling_ran(path):
+    """What PickleSideEffect runs when unpickled: it creates `path` (found by the unpickler by name)."""
+    open(path, 'w').close()
+    return 'ran'
+
+
+class PickleSideEffect:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return _unpickling_ran, (self.path,)
+
+
+def test_naive_sf_resume_reads_the_checkpoint_safely(capsys, tiny_vae_path, depth1_ckpt, tmp_path):
+    """naive_sf.py reads the step of the checkpoint it resumes with the project's checked loader: a file that
+    needs full unpickling is refused in one line naming --trust-checkpoint, without running the pickle (it
+    would create `marker`); with --trust-checkpoint the same file is read, and the run goes on."""
+    out, marker = tmp_path / 'run', tmp_path / 'marker'
+    ck = torch.load(depth1_ckpt, weights_only=True)
+    ck['note'] = PickleSideEffect(str(marker))
+    os.makedirs(out)
+    torch.save(ck, out / 'ckpt.pt')
+    argv = ['--schedule', 'full', *train_args(tiny_vae_path, str(out), '--steps', '2', '--resume')]
+    err = error_of(capsys, argv, main=naive_sf.main)
+    assert '--trust-checkpoint' in err and 'ckpt.pt' in err, err
+    assert not marker.exists()
+    naive_sf.main(argv + ['--trust-checkpoint'])
+    assert marker.exists() and torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 2
 
 
 def test_ctrl_c_saves_the_finished_steps_and_resume_continues(tiny_vae_path, tmp_path):
