@@ -49,31 +49,34 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_set_threads_explicit_env_or_free_cores(monkeypatch):
+@pytest.mark.parametrize('mod', ['fid', 'cpu_speed'])
+def test_set_threads_explicit_env_or_free_cores(monkeypatch, mod):
+    """One thread policy: fid.py's copy (it runs alone) and the project's cpu_speed.set_threads behave alike."""
+    mod = fid if mod == 'fid' else __import__('cpu_speed')
     before = torch.get_num_threads()
     looks = iter([])
 
     def fake_open(path, *a, **k):  # /proc/loadavg: field 4 is runnable/total tasks, this process included
         assert path == '/proc/loadavg'
         return io.StringIO(f"3.10 2.50 1.00 {next(looks)}/412 9999\n")
-    monkeypatch.setattr(fid, 'open', fake_open, raising=False)  # fid's global 'open' shadows the builtin
+    monkeypatch.setattr(mod, 'open', fake_open, raising=False)  # a module global 'open' shadows the builtin
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
     monkeypatch.setattr(time, 'sleep', lambda s: None)
     try:
         monkeypatch.setenv('OMP_NUM_THREADS', '2')
         torch.set_num_threads(3)
-        assert fid.set_threads() == 3  # $OMP_NUM_THREADS set: torch already follows it, left alone
-        assert fid.set_threads(2) == 2  # an explicit count wins over everything, /proc not read
+        assert mod.set_threads() == 3  # $OMP_NUM_THREADS set: torch already follows it, left alone
+        assert mod.set_threads(2) == 2  # an explicit count wins over everything, /proc not read
         monkeypatch.delenv('OMP_NUM_THREADS')
         # 6 cores; 10 looks at the runnable count (1 = this process alone): median of the others' 0..4 busy
         looks = iter(['3', '1', '2', '5', '3', '3', '4', '1', '3', '2'])  # others: 2 0 1 4 2 2 3 0 2 1 -> 2
-        assert fid.set_threads() == 6 - 2
+        assert mod.set_threads() == 6 - 2
         looks = iter(['40'] * 10)  # more busy tasks than cores: at least one thread
-        assert fid.set_threads() == 1
+        assert mod.set_threads() == 1
         looks = iter(['1'] * 10)  # idle: every core this process may use
-        assert fid.set_threads() == 6
+        assert mod.set_threads() == 6
         looks = iter(['garbage'] * 10)  # unreadable: every core
-        assert fid.set_threads() == 6
+        assert mod.set_threads() == 6
     finally:
         torch.set_num_threads(before)
 

@@ -1876,18 +1876,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_repeated_large_tensors():
     assert kept[-1] * 20 < min(default), (default, kept)      # (transparent huge pages fault fewer, larger)
 
 
-def test_set_threads_uses_free_cores_and_respects_overrides(monkeypatch):
-    before = torch.get_num_threads()
-    try:
-        assert cpu_speed.set_threads(1) == 1                       # an explicit count wins
-        monkeypatch.setenv('OMP_NUM_THREADS', '1')
-        torch.set_num_threads(3)
-        assert cpu_speed.set_threads() == 3                        # $OMP_NUM_THREADS: left to torch
-        monkeypatch.delenv('OMP_NUM_THREADS')
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        assert 1 <= cpu_speed.set_threads() <= cores               # the free cores, at least one
-    finally:
-        torch.set_num_threads(before)
+# (cpu_speed.set_threads: test_fid.py::test_set_threads_explicit_env_or_free_cores, with fid.py's copy)
 
 
 # ---- the second study (experiments/study2.sh) ----
