@@ -1,23 +1,23 @@
 """
 SAR -- Self-Autoregressive Refinement of a scale-wise autoregressive image generator, in one file.
 
-Paper: "Rethinking Training Dynamics in Scale-wise Autoregressive Generation" (arXiv 2512.06421); equation
-numbers in the comments refer to it. The generator is FlexVAR, state-dict compatible with the official
-FlexVAR / SAR checkpoints; the multi-scale VQ tokenizer lives in tokenizer.py.
+Paper: "Rethinking Training Dynamics in Scale-wise Autoregressive Generation" (arXiv 2512.06421);
+equation numbers in the comments refer to it. The generator is FlexVAR, state-dict compatible with
+the official FlexVAR / SAR checkpoints; the multi-scale VQ tokenizer lives in tokenizer.py.
 
-    python tokenizer.py                                       # a tokenizer for the built-in toy data
-    python sar.py --mode tf --steps 350                       # teacher-forcing pretraining -> out/tf/ckpt.pt
-    python sar.py --mode sar --init out/tf/ckpt.pt --steps 50       # SAR post-training -> out/sar/ckpt.pt
-    python sar.py --sample --ckpt out/sar/ckpt.pt             # -> out/sar/samples.png, a row per class
+    python tokenizer.py                                       # tokenizer for the built-in toy data
+    python sar.py --mode tf --steps 350                       # teacher forcing -> out/tf/ckpt.pt
+    python sar.py --mode sar --init out/tf/ckpt.pt --steps 50 # SAR post-training -> out/sar/ckpt.pt
+    python sar.py --sample --ckpt out/sar/ckpt.pt             # -> out/sar/samples.png, a row/class
     torchrun --standalone --nproc_per_node 8 sar.py --mode sar --depth 16 --data /imagenet/train ...
 
 Read top to bottom, the file follows the method: 1. attention and the AdaLN block; 2. the scale-wise
-transformer and its block-causal mask (eq. 1); 3. teacher forcing, the scale-shift input and its loss (eq. 2,
-4, 9); 4. SAR: Stagger-Scale Rollout (eq. 5-6) and the Contrastive Student-Forcing Loss (eq. 10-11);
-5. sampling (KV cache, classifier-free guidance); 6. the training loop (1 process or torchrun DDP, AMP, exact
-resume); 7. checkpoint I/O and the sampling command; 8. the command line.
-Shapes: B batch, L tokens of a whole scale list, C model width, H heads, V codebook size, Cv codebook dim.
-A scale list holds side lengths pn_0 < pn_1 < ...; scale i is a pn_i x pn_i token map, flattened row-major.
+transformer and its block-causal mask (eq. 1); 3. teacher forcing, the scale-shift input and its
+loss (eq. 2, 4, 9); 4. SAR: Stagger-Scale Rollout (eq. 5-6) and the Contrastive Student-Forcing Loss
+(eq. 10-11); 5. sampling (KV cache, classifier-free guidance); 6. the training loop (1 process or
+torchrun DDP, AMP, exact resume); 7. checkpoint I/O and the sampling command; 8. the command line.
+Shapes: B batch, L tokens of a scale list, C model width, H heads, V codebook size, Cv codebook dim.
+A scale list holds side lengths pn_0 < pn_1 < ...; scale i is a pn_i x pn_i token map, row-major.
 """
 
 import argparse, functools, json, math, os, random, sys, time
@@ -34,24 +34,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from tqdm import tqdm
 
-import cpu_speed                                 # CPU speed machinery, applied in one line (section 6)
-from common import (ArgumentParser, UserError, atomic_write, check_scales, check_writable, error_line,
-                    load_checkpoint, load_state_dict_strict, lr_at, parse_scales, save_atomic,
-                    save_image_grid, step_batches, step_seed, to_uint8)
+import cpu_speed  # CPU speed machinery, applied in one line (section 6)
+from common import (ArgumentParser, UserError, atomic_write, check_scales, check_writable,
+                    error_line, load_checkpoint, load_state_dict_strict, lr_at, parse_scales,
+                    save_atomic, save_image_grid, step_batches, step_seed, to_uint8)
 from data import load_dataset
 from tokenizer import load_tokenizer
 
-OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680 tokens)
-LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop configuration (8x8 latent, L = 155)
+OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680)
+LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop run (8x8 latent, L = 155)
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. attention and the AdaLN block (FlexVAR keeps VAR's blocks; names match the official state_dict)
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class SelfAttention(nn.Module):
     """Multi-head attention on L2-normalised q and k with a learned per-head temperature.
 
-    Normalising q and k bounds the attention logits, which keeps fp16/bf16 training stable; the temperature
-    exp(scale_mul) (initialised to 4, capped at 100) restores sharpness, so SDPA runs with scale=1."""
+    Normalising q and k bounds the attention logits, which keeps fp16/bf16 training stable; the
+    temperature exp(scale_mul) (initially 4, capped at 100) restores sharpness (SDPA scale=1)."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -59,39 +59,39 @@ class SelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.register_buffer('zero_k_bias', torch.zeros(dim))  # k has no bias; the official file stores zeros
+        self.register_buffer('zero_k_bias', torch.zeros(dim))  # k has no bias; stored as zeros
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn_mask, cache=None):
         B, L, C = x.shape
-        qkv = self.mat_qkv(x) + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))     # (B, L, 3C)
-        q, k, v = qkv.view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)    # each (B, H, L, 64)
+        qkv = self.mat_qkv(x) + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))  # (B, L, 3C)
+        q, k, v = qkv.view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, 64)
         q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
         k = F.normalize(k, dim=-1)
-        if cache is not None:  # sampling: keys/values of the coarser scales are kept, the new scale sees all
+        if cache is not None:  # sampling: the coarser scales' k/v are kept; the new scale sees all
             if 'k' in cache:
                 k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
             cache['k'], cache['v'] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)   # (B, H, L, 64)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)  # (B, H, L, 64)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 def drop_path(x, p, training):
-    """Stochastic depth: the residual branch of a whole sample is dropped, the kept ones rescaled."""
+    """Stochastic depth: a whole sample's residual branch is dropped, the kept ones rescaled."""
     if p == 0.0 or not training:
         return x
     return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p) / (1 - p)
 
 class AdaLNBlock(nn.Module):
-    """A transformer block whose LayerNorms are modulated by the class (adaptive LayerNorm): the class enters
-    every block as 6 vectors, in the official order gamma1, gamma2, scale1, scale2, shift1, shift2
-    (gamma: the residual gates; scale/shift of the attention branch (1) and of the FFN branch (2))."""
+    """A transformer block whose LayerNorms are modulated by the class (adaptive LayerNorm): the
+    class enters every block as 6 vectors, in the official order gamma1, gamma2, scale1, scale2,
+    shift1, shift2 (gamma: residual gates; scale/shift: of the attention (1) and FFN (2) branch)."""
 
     def __init__(self, dim, heads, drop_path_rate, eps=1e-6):
         super().__init__()
         self.attn = SelfAttention(dim, heads)
-        self.ffn = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(approximate='tanh'),
-                                             fc2=nn.Linear(4 * dim, dim)))
+        fc1, fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.ffn = nn.Sequential(OrderedDict(fc1=fc1, act=nn.GELU(approximate='tanh'), fc2=fc2))
         self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.drop_path_rate = drop_path_rate
@@ -114,29 +114,29 @@ class AdaLNBeforeHead(nn.Module):
         scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, x.shape[-1]).unbind(2)
         return self.ln_wo_grad(x) * (1 + scale) + shift
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. the scale-wise transformer and its block-causal scale mask
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def begin_ends(scales):
     """[(start, end)]: the token range of every scale in the flattened sequence."""
     ends = [sum(pn * pn for pn in scales[:i]) for i in range(len(scales) + 1)]
     return list(zip(ends[:-1], ends[1:]))
 
 def block_causal_mask(scales, device=None):
-    """(L, L) bool, True = may attend. Eq. (1) factorises p(f_1..f_K) over scales, so a token sees every
-    token of its own scale (they are predicted together, in parallel) and of all coarser scales, never a
-    finer one."""
+    """(L, L) bool, True = may attend. Eq. (1) factorises p(f_1..f_K) over scales: a token sees its
+    own scale (predicted together, in parallel) and all coarser ones, never a finer one."""
     d = torch.cat([torch.full((pn * pn,), i, device=device) for i, pn in enumerate(scales)])
     return d[:, None] >= d[None, :]
 
 class FlexVAR(nn.Module):
-    """The scale-wise AR transformer. `depth` is the one size knob: width C = 64 * depth, heads = depth.
+    """The scale-wise AR transformer; `depth` is the one size knob: C = 64 * depth, heads = depth.
 
-    Input for a scale list pn_0..pn_{K-1}: scale 0 is the class token (pn_0^2 copies of the class embedding
-    + pos_start); scale i >= 1 holds scale i-1's code vectors upsampled to pn_i x pn_i (section 3). The
-    positions come from one learned 32x32 grid, area-resampled to each scale: any scale list works."""
+    Input for pn_0..pn_{K-1}: scale 0 is the class token (pn_0^2 copies of the class embedding
+    + pos_start); scale i >= 1 holds scale i-1's code vectors upsampled to pn_i x pn_i (section 3).
+    Positions: one learned 32x32 grid, area-resampled to each scale, so any scale list works."""
 
-    def __init__(self, depth=16, vocab_size=8912, num_classes=1000, codebook_dim=32, drop_path_rate=None):
+    def __init__(self, depth=16, vocab_size=8912, num_classes=1000, codebook_dim=32,
+                 drop_path_rate=None):
         super().__init__()
         C = 64 * depth
         self.config = dict(depth=depth, vocab_size=vocab_size, num_classes=num_classes,
@@ -144,23 +144,24 @@ class FlexVAR(nn.Module):
         self.depth, self.C, self.V, self.num_classes = depth, C, vocab_size, num_classes
         dpr = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
         self.word_embed = nn.Linear(codebook_dim, C)
-        self.class_emb = nn.Embedding(num_classes + 1, C)       # row `num_classes` = the unconditional class
+        self.class_emb = nn.Embedding(num_classes + 1, C)  # last row: the unconditional class
         self.pos_start = nn.Parameter(torch.empty(1, 1, C))
         self.pos_1LC = nn.Parameter(torch.empty(1, C, 32, 32))   # the learned 2-D position grid
-        self.blocks = nn.ModuleList([AdaLNBlock(C, depth, r) for r in torch.linspace(0, dpr, depth).tolist()])
+        rates = torch.linspace(0, dpr, depth).tolist()
+        self.blocks = nn.ModuleList([AdaLNBlock(C, depth, r) for r in rates])
         self.head_nm = AdaLNBeforeHead(C)
         self.head = nn.Linear(C, vocab_size)
 
     def pos_embed(self, scales):
-        """(1, L, C): the 32x32 grid area-pooled to every scale (pn = 1 gives the grid mean), row-major."""
-        return torch.cat([F.interpolate(self.pos_1LC, size=(pn, pn), mode='area').flatten(2).transpose(1, 2)
-                          for pn in scales], dim=1)
+        """(1, L, C): the 32x32 grid area-pooled to every scale (pn = 1: grid mean), row-major."""
+        return torch.cat([F.interpolate(self.pos_1LC, size=(pn, pn), mode='area')
+                          .flatten(2).transpose(1, 2) for pn in scales], dim=1)
 
     def embed(self, label_B, x_BLCv, scales, first_pos=True):
-        """(B, L, C) token embeddings [class token(s)] + word_embed(inputs), plus positions; and cond_BC.
-        first_pos=False leaves pos_start off the class token, as the official student-forcing pass does."""
-        cond_BC = self.class_emb(label_B)                                                # (B, C)
-        sos = cond_BC[:, None, :].expand(-1, scales[0] ** 2, -1) + (self.pos_start if first_pos else 0)
+        """(B, L, C) embeddings [class token(s)] + word_embed(inputs), plus positions; and cond_BC.
+        first_pos=False leaves pos_start off the class token, as the official student pass does."""
+        cond_BC = self.class_emb(label_B)                                           # (B, C)
+        sos = cond_BC[:, None].expand(-1, scales[0] ** 2, -1) + (self.pos_start if first_pos else 0)
         x = torch.cat((sos, self.word_embed(x_BLCv.float())), dim=1) if x_BLCv is not None else sos
         return x + self.pos_embed(scales), cond_BC
 
@@ -190,15 +191,15 @@ class FlexVAR(nn.Module):
         self.pos_1LC.copy_(sincos_grid(self.C))
         self.head.weight.mul_(init_head)
         self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
-        for b in self.blocks:  # residual branches start small: their outputs are summed `depth` times
+        for b in self.blocks:  # residual branches start small: they sum `depth` times
             b.attn.proj.weight.div_(math.sqrt(2 * self.depth))
             b.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
-            b.ada_lin[-1].weight[2 * self.C:].mul_(init_adaln)          # scales and shifts
-            b.ada_lin[-1].weight[:2 * self.C].mul_(init_adaln_gamma)    # the two residual gates start near 0
+            b.ada_lin[-1].weight[2 * self.C:].mul_(init_adaln)        # scales and shifts
+            b.ada_lin[-1].weight[:2 * self.C].mul_(init_adaln_gamma)  # the two gates start near 0
         return self
 
 def sincos_grid(C, size=32):
-    """(1, C, size, size): even channels sin(row * w_j), odd channels cos(col * w_j), w_j = 10000^(-2j/C)."""
+    """(1, C, size, size): channel 2j sin(row * w_j), 2j+1 cos(col * w_j), w_j = 10000^(-2j/C)."""
     w = torch.exp(-torch.arange(C // 2, dtype=torch.float64) * 2 * math.log(10000.0) / C)
     ys, xs = torch.meshgrid(*[torch.arange(size, dtype=torch.float64)] * 2, indexing='ij')
     grid = torch.empty(C, size, size, dtype=torch.float64)
@@ -206,34 +207,34 @@ def sincos_grid(C, size=32):
     grid[1::2] = torch.cos(xs[None] * w[:, None, None])
     return grid[None].float()
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. teacher forcing (eq. 2, 4, 9)
-# --------------------------------------------------------------------------------------------------------
-# Eq. (2): scale i is predicted from the *ground-truth* maps of all coarser scales. FlexVAR feeds them as a
-# "scale shift": the input at scale i is the map of scale i-1, embedded with the codebook and bicubically
-# upsampled to pn_i x pn_i. The block-causal mask lets scale i also see everything coarser, so all K
-# predictions of eq. (4), f^(T)_i = g(f_{1:i-1}), come out of one forward pass.
+# --------------------------------------------------------------------------------------------------
+# Eq. (2): scale i is predicted from the *ground-truth* maps of all coarser scales. FlexVAR feeds
+# them as a "scale shift": the input at scale i is the map of scale i-1, embedded with the codebook
+# and bicubically upsampled to pn_i x pn_i. The block-causal mask lets scale i also see everything
+# coarser, so all K predictions of eq. (4), f^(T)_i = g(f_{1:i-1}), come out of one forward pass.
 
 def scale_shift(vae, idx, pn, nxt):
-    """(B, pn^2) tokens of scale pn -> (B, nxt^2, Cv): their code vectors, upsampled to the next scale with
-    the official bicubic resize (align_corners=False) and flattened row-major: the input of scale `nxt`."""
+    """(B, pn^2) tokens of scale pn -> (B, nxt^2, Cv), the input of scale `nxt`: their code vectors,
+    upsampled by the official bicubic resize (align_corners=False), flattened row-major."""
     f = F.interpolate(vae.embed(idx, pn), size=(nxt, nxt), mode='bicubic', align_corners=False)
     return f.flatten(2).transpose(1, 2)
 
 def tf_input(vae, idx_list, scales):
-    """The scale-shift input (B, L - pn_0^2, Cv): the code vectors of scale i upsampled to scale i+1, for
-    i = 0..K-2 (the finest map is only a target). With the GT maps this is eq. (2); with the model's own
-    maps it is what the model sees at inference."""
-    return torch.cat([scale_shift(vae, t, pn, nxt) for t, pn, nxt in zip(idx_list, scales, scales[1:])], 1)
+    """The scale-shift input (B, L - pn_0^2, Cv): scale i's code vectors upsampled to scale i+1 for
+    i < K-1 (the finest map is only a target). With GT maps this is eq. (2); with the model's own,
+    what it sees at inference."""
+    return torch.cat([scale_shift(vae, t, a, b) for t, a, b in zip(idx_list, scales, scales[1:])], 1)
 
 @torch.no_grad()
 def gt_tokens_and_inputs(vae, images, scales):
-    """The frozen tokenizer's GT maps t_i (list of (B, pn_i^2)) of the images, and their scale-shift input."""
+    """The frozen tokenizer's GT maps t_i (list of (B, pn_i^2)) and their scale-shift input."""
     gt_idx = vae.tokenize(images, scales)
     return gt_idx, tf_input(vae, gt_idx, scales)
 
 def drop_labels(labels, p, num_classes, generator=None):
-    """Class dropout: with probability p a sample becomes unconditional, which trains the model CFG uses."""
+    """Class dropout: a sample goes unconditional with probability p (trains the model CFG uses)."""
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, num_classes), labels)
 
@@ -242,17 +243,17 @@ def token_ce(logits_BLV, target_BL):
     return F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten())
 
 def tf_loss(model, gt_idx, x_in, labels, scales, gen=None, *, num_classes, cond_drop=0.1):
-    """Eq. (9): L_TF, the cross entropy of the teacher-forced predictions (one pass, eq. 4) against the GT.
+    """Eq. (9): L_TF, cross entropy of the teacher-forced predictions (one pass, eq. 4) vs the GT.
     Returns (loss, info); info keeps the (detached) logits, from which SAR draws its rollout."""
-    logits = model(drop_labels(labels, cond_drop, num_classes, gen), x_in, scales)       # (B, L, V)
-    loss = token_ce(logits, torch.cat(gt_idx, dim=1))                                   # targets (B, L)
+    logits = model(drop_labels(labels, cond_drop, num_classes, gen), x_in, scales)  # (B, L, V)
+    loss = token_ce(logits, torch.cat(gt_idx, dim=1))                              # targets (B, L)
     return loss, dict(loss_tf=loss.detach(), logits=logits.detach())
 
 def random_scales(default_scales, rng):
-    """FlexVAR's random scale list, drawn anew every step, so that any list works at inference. For
-    1,2,...,13,16 it is exactly the official distribution: with p 0.05 the full list, else [1, 2] + 5 sides
-    from 3..10 + 2 from 11..15 + [16]; then occasionally up to four middle scales are dropped, then scales
-    among the last four until the list fits the token budget (680). Another finest scale scales the recipe."""
+    """A new random scale list every step, so that any list works at inference; for 1,2,...,13,16
+    exactly FlexVAR's: with p 0.05 the full list, else [1, 2] + 5 sides from 3..10 + 2 from 11..15 +
+    [16]; then sometimes up to four middle scales are dropped, then ones among the last four until
+    the list fits the token budget (680). Other finest scales scale the recipe."""
     final, budget = default_scales[-1], sum(pn * pn for pn in default_scales)
     if rng.random() < 0.05:
         scales = list(default_scales)
@@ -270,41 +271,41 @@ def random_scales(default_scales, rng):
         scales.pop(rng.randint(max(1, len(scales) - 4), len(scales) - 1))
     return scales
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. SAR: Stagger-Scale Rollout (eq. 5-6) and the Contrastive Student-Forcing Loss (eq. 10-11)
-# --------------------------------------------------------------------------------------------------------
-# At inference the model consumes its *own* coarser maps; under teacher forcing it never saw them (exposure
-# bias, section 3). SSR shows them to it at the cost of one extra forward pass:
-#   pass 1 = teacher forcing (above). Its predictions become tokens without gradient (argmax, or sampling
-#            with or without CFG), embedded and upsampled to the next scale (eq. 5): the model's own output,
-#            shaped exactly like an inference input;
-#   pass 2 = the model once more, on those inputs: the one-step student-forced predictions f^(S) (eq. 6).
-# CSFL (eq. 10) pulls f^(S) towards the teacher-forced prediction, not towards the ground truth: the
-# student's input has drifted from the GT hierarchy, so the GT would be a contradictory target (why naive
-# student forcing fails, section 4.1). Paper vs official code (the defaults are what the official runs do):
-#   transitions 'last' (official): one transition per step, the last pair k = K-2 -> K-1 of the step's
-#       random list, context [class token, upsampled tokens]; 'all' (eq. 6/8): every scale at once;
+# --------------------------------------------------------------------------------------------------
+# At inference the model consumes its *own* coarser maps, which teacher forcing never showed it
+# (exposure bias, section 3). SSR shows them to it at the cost of one extra forward pass:
+#   pass 1 = teacher forcing (above). Its predictions become tokens without gradient (argmax, or
+#            sampling with/without CFG), embedded and upsampled to the next scale (eq. 5): the
+#            model's own output, shaped exactly like an inference input;
+#   pass 2 = the model again on those inputs: the one-step student-forced predictions f^(S) (eq. 6).
+# CSFL (eq. 10) pulls f^(S) towards the teacher-forced prediction, not the ground truth: the
+# student's input has drifted from the GT hierarchy, so the GT would be a contradictory target (why
+# naive student forcing fails, section 4.1). Paper vs official code (defaults: the official runs):
+#   transitions 'last' (official): one transition per step, the last pair k = K-2 -> K-1 of the
+#       step's random list, context [class token, upsampled tokens]; 'all' (eq. 6/8): all at once;
 #   target 'teacher' (eq. 10, official): tokens drawn from pass 1; 'gt': Algorithm 1 line 24;
-#   sf_input 'cfg' (the official trainer's defaults, which the official train.py never overrides): sampling
-#       with CFG 1.2 (ramped), top-k 900, top-p 0.96; 'argmax': Algorithm 1; 'sample': no guidance.
+#   sf_input 'cfg' (official trainer defaults, never overridden by the official train.py): sampled
+#       with CFG 1.2 (ramped), top-k 900, top-p 0.96; 'argmax': Algorithm 1; 'sample': unguided.
 
 class SFDraw(NamedTuple):
-    """How pass 1's predictions become the student's input tokens (the official trainer's defaults)."""
-    input: str = 'cfg'     # 'argmax' (Algorithm 1), 'sample' (no guidance) or 'cfg' (sampled with guidance)
+    """How pass 1's predictions become the student's input tokens (official trainer defaults)."""
+    input: str = 'cfg'  # 'argmax' (Algorithm 1), 'sample' (unguided) or 'cfg' (guided sampling)
     top_k: int = 900
     top_p: float = 0.96
-    cfg: float = 1.2       # ramped over the scales; at cfg <= 1 the official code samples unguided
+    cfg: float = 1.2    # ramped over the scales; at cfg <= 1 the official code samples unguided
 
 def uniform(shape, generator, device):
-    """Uniform [0, 1) numbers: from one generator, or row b from generator[b] when given one per image (the
-    sampler does: an image's draws then do not depend on the batch it is drawn in, nor on the processes)."""
+    """Uniform [0, 1) numbers from one generator, or row b from generator[b] (the sampler passes one
+    per image: its draws then depend neither on its batch nor on the processes)."""
     if isinstance(generator, (list, tuple)):
         return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
     return torch.rand(shape, generator=generator, device=device)
 
 def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
-    """Draw one token per row of logits (..., V) from the top-k logits, then from the smallest set of tokens
-    holding top_p of the probability mass (the most likely token always stays). top_k == 1 is greedy."""
+    """One token per row of logits (..., V), drawn from the top-k logits, then from the smallest set
+    of tokens holding top_p of the mass (the likeliest token always stays). top_k == 1 is greedy."""
     V = logits.shape[-1]
     if top_k == 1:
         return logits.argmax(-1)
@@ -313,24 +314,24 @@ def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits.masked_fill_(logits < kth, float('-inf'))
     if top_p > 0:
-        sorted_logits, order = logits.sort(dim=-1)                          # ascending
-        tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p            # the low-probability tail
+        sorted_logits, order = logits.sort(dim=-1)                  # ascending
+        tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p    # the low-probability tail
         tail[..., -1] = False
         logits.masked_fill_(tail.scatter(-1, order, tail), float('-inf'))
-    # inverse-CDF sampling: the first token whose cumulative probability exceeds u * total. A removed token
-    # adds nothing to the sum, so it is never the first; the cap keeps u * total below the total.
-    cdf = logits.softmax(-1).cumsum(-1)                                     # (..., V)
+    # inverse-CDF sampling: the first token whose cumulative probability exceeds u * total; a
+    # removed token adds nothing to the sum, so is never first. The cap keeps u * total < total.
+    cdf = logits.softmax(-1).cumsum(-1)                                 # (..., V)
     total = cdf[..., -1:]
     u = uniform(cdf.shape[:-1], generator, logits.device)[..., None] * total
     return torch.searchsorted(cdf, torch.minimum(u, total * (1 - 2 ** -20)), right=True)[..., 0]
 
 @torch.no_grad()
 def ssr_draw(model, logits_BLV, x_in, labels, scales, which, draw, generator=None):
-    """Eq. (5), first half: tokens {scale index: (B, pn^2)} drawn without gradient from the teacher-forced
-    predictions of the scales `which`. Guided draws need the unconditional logits: one more no-grad pass on
-    the same inputs, outside autograd (the official code runs them as half of a doubled batch inside the
-    graph, and pays for their backward). Guidance as the official trainer: t = cfg * (1 + i/(K-1)) / 2,
-    logits = (1+t) cond - t uncond (inference ramps t differently, see cfg_combine)."""
+    """Eq. (5), first half: tokens {scale index: (B, pn^2)} drawn without gradient from the
+    teacher-forced predictions of scales `which`. Guided draws need the unconditional logits: one
+    more pass on the same inputs, outside autograd (the official code runs it as half of a doubled
+    batch in the graph and pays for its backward). Guidance as the official trainer's: logits =
+    (1+t) cond - t uncond, t = cfg * (1 + i/(K-1)) / 2 (inference ramps t otherwise: cfg_combine)."""
     K, be, drawn = len(scales), begin_ends(scales), {}
     guided = draw.input == 'cfg' and draw.cfg > 1
     uncond_BLV = model(torch.full_like(labels, model.num_classes), x_in, scales) if guided else None
@@ -340,7 +341,8 @@ def ssr_draw(model, logits_BLV, x_in, labels, scales, which, draw, generator=Non
         if guided:
             t = draw.cfg * 0.5 * (1 + i / (K - 1))
             lg = (1 + t) * lg - t * uncond_BLV[:, a:b]
-        drawn[i] = sample_top_k_top_p(lg, 1 if draw.input == 'argmax' else draw.top_k, draw.top_p, generator)
+        top_k = 1 if draw.input == 'argmax' else draw.top_k
+        drawn[i] = sample_top_k_top_p(lg, top_k, draw.top_p, generator)
     return drawn
 
 def student_pass(model, vae, labels, drawn, scales, transitions):
@@ -348,93 +350,93 @@ def student_pass(model, vae, labels, drawn, scales, transitions):
     Returns the student logits (B, N, V) and the scale indices they predict, in order."""
     K = len(scales)
     if transitions == 'last':
-        # One transition k -> k+1, k = K-2. The context is the class token (without pos_start) + the input,
-        # i.e. the scale list [1, pn_{k+1}]; the coarser history is not in it (Algorithm 1, line 23).
+        # One transition k -> k+1, k = K-2; the context is the class token (no pos_start) + the
+        # input, i.e. the scale list [1, pn_{k+1}]: no coarser history (Algorithm 1, line 23).
         k, pn = K - 2, scales[K - 1]
-        u = scale_shift(vae, drawn[k], scales[k], pn)                                  # (B, pn^2, Cv)
+        u = scale_shift(vae, drawn[k], scales[k], pn)                        # (B, pn^2, Cv)
         return model(labels, u, [1, pn], first_pos=False)[:, 1:], [K - 1]
-    # 'all' (eq. 6/8): every scale's input is built from the teacher prediction of the scale before, in
-    # one pass over the whole shifted sequence with the same block-causal mask.
+    # 'all' (eq. 6/8): every scale's input is built from the teacher prediction of the scale before,
+    # in one pass over the whole shifted sequence with the same block-causal mask.
     x_sf = tf_input(vae, [drawn[i] for i in range(K)], scales)
     return model(labels, x_sf, scales)[:, scales[0] ** 2:], list(range(1, K))
 
-def sar_loss(model, gt_idx, x_in, labels, scales, gen=None, *, vae, num_classes, cond_drop=0.1, gamma=0.01,
-             transitions='last', target='teacher', draw=SFDraw()):
+def sar_loss(model, gt_idx, x_in, labels, scales, gen=None, *, vae, num_classes, cond_drop=0.1,
+             gamma=0.01, transitions='last', target='teacher', draw=SFDraw()):
     """Eq. (11): L_SAR = L_TF + gamma * L_CSF, with SSR's two passes. Returns (loss, info)."""
     loss_tf, info = tf_loss(model, gt_idx, x_in, labels, scales, gen, num_classes=num_classes,
                             cond_drop=cond_drop)                                 # pass 1
     K = len(scales)
     which = [K - 2, K - 1] if transitions == 'last' else list(range(K))
-    drawn = ssr_draw(model, info['logits'], x_in, labels, scales, which, draw, gen)          # eq. (5)
+    drawn = ssr_draw(model, info['logits'], x_in, labels, scales, which, draw, gen)      # eq. (5)
     lab_sf = drop_labels(labels, cond_drop, num_classes, gen)
-    sf_logits, sf_scales = student_pass(model, vae, lab_sf, drawn, scales, transitions)   # pass 2, eq. (6)
+    sf_logits, sf_scales = student_pass(model, vae, lab_sf, drawn, scales, transitions)  # eq. (6)
     pool = drawn if target == 'teacher' else dict(enumerate(gt_idx))
-    csf_target = torch.cat([pool[i] for i in sf_scales], dim=1)      # the f^(T) tokens (eq. 10) or the GT
-    loss_csf = token_ce(sf_logits, csf_target)                       # eq. (10)
+    csf_target = torch.cat([pool[i] for i in sf_scales], dim=1)   # f^(T) tokens (eq. 10) or the GT
+    loss_csf = token_ce(sf_logits, csf_target)                    # eq. (10)
     info.update(loss_csf=loss_csf.detach(), sf_acc=(sf_logits.argmax(-1) == csf_target).float().mean())
-    return loss_tf + gamma * loss_csf, info                          # eq. (11)
+    return loss_tf + gamma * loss_csf, info                       # eq. (11)
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. sampling: KV cache, classifier-free guidance
-# --------------------------------------------------------------------------------------------------------
-# The official sampler samples only at the side lengths the released models were trained on, up to 16;
-# elsewhere it is greedy. Kept, so official checkpoints sample as they do in the official code.
+# --------------------------------------------------------------------------------------------------
+# The official sampler samples only at the side lengths the released models were trained on, up to
+# 16; elsewhere it is greedy. Kept, so official checkpoints sample as in the official code.
 OFFICIAL_SAMPLING_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 def cfg_combine(cond, uncond, si, K, cfg, form, pn):
-    """Classifier-free guidance at scale index si of K. 'var' (official default): t = cfg * si / min(K-1, 9)
-    (t = cfg beyond side 16), logits = (1+t) c - t u: none at the first scale, 1+cfg from the 10th on.
-    'llamagen': the constant u + cfg * (c - u)."""
+    """Classifier-free guidance at scale index si of K. 'var' (official default): (1+t) c - t u with
+    t = cfg * si / min(K-1, 9) (cfg beyond side 16): none at the first scale, 1+cfg from the 10th
+    on. 'llamagen': the constant u + cfg * (c - u)."""
     if form == 'llamagen':
         return uncond + cfg * (cond - uncond)
     t = cfg * si / min(K - 1, 9) if pn <= 16 else cfg
     return (1 + t) * cond - t * uncond
 
 def next_scale_input(model, vae, idx, pn, nxt):
-    """(B, nxt^2, C): the tokens of scale pn as the input of the next scale, exactly as in training."""
+    """(B, nxt^2, C): scale pn's tokens as the input of the next scale, exactly as in training."""
     return model.word_embed(scale_shift(vae, idx, pn, nxt).float()) + model.pos_embed([nxt])
 
 @torch.no_grad()
 def generate_tokens(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator=None,
                     cfg_form='var', given=None):
-    """The autoregressive rollout, scale by scale with a KV cache: each step feeds only the new scale's
-    tokens, the keys/values of the coarser ones come from the cache (so no mask: a scale may see all that came
-    before it, the block-causal rule). The conditional and unconditional rows run as one 2B batch; cfg=None
-    runs the conditional rows alone. `generator`: one, or one per image. `given` {scale index: (B, pn^2)}:
-    maps used instead of drawn ones (naive student forcing keeps some scales at the ground truth). The model
-    must be in eval mode (no drop-path). Returns per-scale lists of tokens (B, pn^2) and of guided logits
-    (B, pn^2, V)."""
+    """The autoregressive rollout, scale by scale with a KV cache: each step feeds only the new
+    scale's tokens, the coarser ones' keys/values come from the cache (no mask: a scale sees all
+    before it, the block-causal rule). Conditional and unconditional rows run as one 2B batch
+    (cfg=None: conditional only). `generator`: one, or one per image. `given`: {scale index:
+    (B, pn^2)} maps used instead of drawn ones (naive student forcing keeps some at the GT). Needs
+    eval mode (no drop-path). Returns per-scale tokens (B, pn^2) and guided logits (B, pn^2, V)."""
     B, K, given = labels.shape[0], len(scales), given or {}
     rows = labels if cfg is None else torch.cat((labels, torch.full_like(labels, model.num_classes)))
-    cond_BC = model.class_emb(rows)                                                # (R, C), R = B or 2B
-    x = model.embed(rows, None, scales[:1])[0]                                     # the class token(s)
+    cond_BC = model.class_emb(rows)                                     # (R, C), R = B or 2B
+    x = model.embed(rows, None, scales[:1])[0]                          # the class token(s)
     caches = [dict() for _ in model.blocks]
     all_idx, all_logits = [], []
     for si, pn in enumerate(scales):
         for block, cache in zip(model.blocks, caches):
             x = block(x, cond_BC, None, cache)
-        logits = model.logits(x, cond_BC)                                          # (R, pn^2, V)
+        logits = model.logits(x, cond_BC)                               # (R, pn^2, V)
         if cfg is not None:
             logits = cfg_combine(logits[:B], logits[B:], si, K, cfg, cfg_form, pn)
         k = top_k if pn in OFFICIAL_SAMPLING_GRID else 1
-        all_idx.append(given[si] if si in given else sample_top_k_top_p(logits, k, top_p, generator))
+        idx = given[si] if si in given else sample_top_k_top_p(logits, k, top_p, generator)
+        all_idx.append(idx)
         all_logits.append(logits)
         if si + 1 < K:
-            x = next_scale_input(model, vae, all_idx[-1], pn, scales[si + 1]).repeat(len(rows) // B, 1, 1)
+            x = next_scale_input(model, vae, idx, pn, scales[si + 1]).repeat(len(rows) // B, 1, 1)
     return all_idx, all_logits
 
 @torch.no_grad()
-def sample(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator=None, cfg_form='var',
-           trajectory=False):
+def sample(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator=None,
+           cfg_form='var', trajectory=False):
     """Images (B, 3, H, W), nominally in [-1, 1]: the rollout, then the decoded finest token map.
     trajectory=True also returns the image decoded after every scale (paper Fig. 7)."""
     idx, _ = generate_tokens(model, vae, labels, scales, cfg, top_k, top_p, generator, cfg_form)
     images = vae.decode_code(idx[-1], scales[-1])
-    return (images, [vae.decode_code(t, pn) for t, pn in zip(idx, scales)]) if trajectory else images
+    return (images, [vae.decode_code(t, p) for t, p in zip(idx, scales)]) if trajectory else images
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. the training loop: one code path for 1 process and torchrun DDP
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def setup_distributed(device_name):
     """(rank, world, device). Under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
@@ -448,37 +450,37 @@ def setup_distributed(device_name):
     return rank, world, device
 
 def autocast_ctx(device, dtype):
-    """--dtype: auto = bf16 autocast where the hardware computes bf16 natively (CUDA, CPUs with AVX512-BF16),
-    fp32 elsewhere (emulated bf16 is slower than fp32; docs/benchmarks.md)."""
+    """--dtype: auto = bf16 autocast where the hardware computes bf16 natively (CUDA, CPUs with
+    AVX512-BF16), fp32 elsewhere (emulated bf16 is slower than fp32; docs/benchmarks.md)."""
     cpu_bf16 = device.type == 'cpu' and cpu_speed.native_bf16()
     if dtype == 'fp32' or (dtype == 'auto' and device.type != 'cuda' and not cpu_bf16):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if dtype == 'fp16' else torch.bfloat16)
 
 def make_optimizer(model, lr, weight_decay):
-    """AdamW (0.9, 0.95), fused; weight decay on matrices only, not on biases, positions or temperatures."""
-    decay, no_decay = [], []
+    """AdamW (0.9, 0.95), fused; decay on matrices only, not on biases, positions, temperatures."""
+    decay, other = [], []
     for name, p in model.named_parameters():
         skip = p.ndim <= 1 or 'pos_1LC' in name or 'pos_start' in name or 'scale_mul' in name
-        (no_decay if skip else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        (other if skip else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=other, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
 
 def optimizer_step(model, opt, scaler, grad_clip):
-    """Clip and step; returns the gradient norm before clipping. With fp16 (official: a GradScaler with init
-    scale 2^11, growth every 1000 steps) a step whose gradients overflowed is skipped by the scaler, which
-    halves the scale; the scale is capped at 32768, the official cap (fp16 overflows at 65504)."""
+    """Clip and step; returns the pre-clipping gradient norm. With fp16 (official: a GradScaler,
+    init scale 2^11, growth every 1000 steps) the scaler skips a step whose gradients overflowed and
+    halves the scale; the scale is capped at 32768 as officially (fp16 overflows at 65504)."""
     scaler.unscale_(opt)                                     # clip the true gradients
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(opt)                                         # (a disabled scaler: opt.step())
     scaler.update()
-    scaler.update(min(scaler.get_scale(), 32768.0)) if scaler.is_enabled() else None    # the official cap
+    scaler.update(min(scaler.get_scale(), 32768.0)) if scaler.is_enabled() else None  # official cap
     opt.zero_grad(set_to_none=True)
     return norm
 
 def trim_log(path, step):
-    """Keep the records of log.jsonl up to `step` (a resumed run does the later ones again; a new run in the
-    same folder starts at 0); a line cut short by a kill is dropped."""
+    """Keep the records of log.jsonl up to `step` (a resumed run does the later ones again; a new
+    run in the same folder starts at 0); a line cut short by a kill is dropped."""
     if not os.path.isfile(path):
         return
     keep = []
@@ -490,8 +492,8 @@ def trim_log(path, step):
     atomic_write(path, lambda f: f.write(''.join(keep).encode()))
 
 def train(args, make_loss):
-    """Train and write <out-dir>/ckpt.pt. make_loss(args, vae, num_classes) gives the step's loss, a function
-    (model, gt_idx, x_in, labels, scales, gen) -> (loss, info): tf_loss or sar_loss with their settings."""
+    """Train and write <out-dir>/ckpt.pt. make_loss(args, vae, num_classes) gives the step's loss,
+    (model, gt_idx, x_in, labels, scales, gen) -> (loss, info): tf_loss or sar_loss, configured."""
     rank, world, device = setup_distributed(args.device)
     master, ckpt_path = rank == 0, os.path.join(args.out_dir, 'ckpt.pt')
     if args.batch_size % (world * args.grad_accum):
@@ -499,60 +501,66 @@ def train(args, make_loss):
                         f"--grad-accum {args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
     check_writable(ckpt_path, '--out-dir')
-    vae = load_tokenizer(args.vae, device, args.trust_checkpoint)                        # frozen, eval mode
+    vae = load_tokenizer(args.vae, device, args.trust_checkpoint)       # frozen, eval mode
     if args.image_size % vae.downsample:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of the tokenizer's downsample factor "
-                        f"{vae.downsample}")
+        raise UserError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
+                        f"downsample factor {vae.downsample}")
     check_scales(args.scales, args.image_size // vae.downsample)
-    # flips and crops are drawn per image from the seed step_batches gives it: the same on any number of ranks
+    # flips/crops are drawn per image from its step_batches seed: the same on any number of ranks
     data = load_dataset(args.data, args.image_size, 'train', args.flip, args.seed, args.crop)
     if len(data) < args.batch_size:
-        raise UserError(f"{args.data} has {len(data)} training images, less than a batch ({args.batch_size})")
+        raise UserError(f"{args.data} has {len(data)} training images, less than a batch "
+                        f"({args.batch_size})")
     torch.manual_seed(args.seed)
-    raw = cpu_speed.apply(build_model(args, vae, data.num_classes).to(device))  # threads, memory, kernels
+    raw = build_model(args, vae, data.num_classes).to(device)
+    raw = cpu_speed.apply(raw)                                          # threads, memory, kernels
     loss_fn = make_loss(args, vae, raw.num_classes)
     opt = make_optimizer(raw, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000,
-                                  enabled=args.dtype == 'fp16')    # the official fp16 AMP: see optimizer_step
+                                  enabled=args.dtype == 'fp16')  # official fp16 AMP: optimizer_step
     step = 0
-    if args.resume and os.path.isfile(ckpt_path):  # exact: weights, Adam, scaler; the step is the RNG state
+    if args.resume and os.path.isfile(ckpt_path):  # exact: weights, Adam, scaler; step = RNG state
         ck = load_checkpoint(ckpt_path, args.trust_checkpoint)
-        load_state_dict_strict(raw, checked_state_dict(ck, args.depth, f"--resume {ckpt_path}"), ckpt_path)
+        sd = checked_state_dict(ck, args.depth, f"--resume {ckpt_path}")
+        load_state_dict_strict(raw, sd, ckpt_path)
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler']) if scaler.is_enabled() and ck.get('scaler') else None
         step = ck['step']
-    for block in raw.blocks if args.compile else []:  # per block, dynamic shapes: L changes every step
-        block.compile(dynamic=True)                    # and the student pass has its own (docs/design.md)
-    model = DDP(raw, [device] if device.type == 'cuda' else None) if world > 1 else raw  # all-reduces grads
+    for block in raw.blocks if args.compile else []:  # per block, dynamic: L varies every step,
+        block.compile(dynamic=True)    # and the student pass has its own (docs/design.md)
+    ids = [device] if device.type == 'cuda' else None
+    model = DDP(raw, ids) if world > 1 else raw                         # all-reduces the gradients
     if master:
-        print(f"{args.mode}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(data)} images"
-              f", batch {args.batch_size} = {world} x {micro} x {args.grad_accum}, {device}, step {step}")
+        n = sum(p.numel() for p in raw.parameters()) / 1e6
+        print(f"{args.mode}: {n:.2f}M params, {len(data)} images, batch {args.batch_size} = "
+              f"{world} x {micro} x {args.grad_accum}, {device}, step {step}")
 
     def save(at_step):
         if master:
             keep = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}
-            save_atomic(dict(model=raw.state_dict(), config=raw.config, optimizer=opt.state_dict(), args=keep,
-                             scaler=scaler.state_dict(), tokenizer=os.path.abspath(args.vae),
-                             step=at_step), ckpt_path)
+            save_atomic(dict(model=raw.state_dict(), config=raw.config, optimizer=opt.state_dict(),
+                             args=keep, scaler=scaler.state_dict(),
+                             tokenizer=os.path.abspath(args.vae), step=at_step), ckpt_path)
 
     batches = step_batches(len(data), args.batch_size, micro, world, rank, args.grad_accum,
                            range(step, args.steps), args.seed)
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.workers,
                                               pin_memory=device.type == 'cuda'))
-    os.makedirs(args.out_dir, exist_ok=True)        # only now: bad input above leaves no half-made folder
+    os.makedirs(args.out_dir, exist_ok=True)  # only now: bad input above leaves no half-made folder
     log_path = os.path.join(args.out_dir, 'log.jsonl')
     trim_log(log_path, step) if master else None      # the steps after the checkpoint are run again
     log = open(log_path, 'a') if master else None
     bar = tqdm(total=args.steps, initial=step, disable=not master or args.quiet, desc=args.mode)
     raw.train()
-    t0, t0_step = time.time(), step                  # for images/s over the steps since the last log
+    t0, t0_step = time.time(), step                 # for images/s over the steps since the last log
     try:
         while step < args.steps:
             lr = lr_at(step, args.steps, args.lr, args.warmup_steps, args.lr_end, args.lr_hold)
             for g in opt.param_groups:
                 g['lr'] = lr
-            # every random draw of the step (SF sampling, class dropout, drop-path, the scale list) derives
-            # from (seed, step, rank), as the data do: the step is the whole RNG state, so resuming is exact
+            # every random draw of the step (SF sampling, class dropout, drop-path, the scale list)
+            # derives from (seed, step, rank), as the data do: the step is the whole RNG state, so
+            # resuming is exact
             gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, step, rank))
             torch.manual_seed(step_seed(args.seed, step, rank))
             scales = random_scales(args.scales, random.Random(step_seed(args.seed, step))) \
@@ -565,21 +573,21 @@ def train(args, make_loss):
                     with autocast_ctx(device, args.dtype):
                         loss, info = loss_fn(model, gt_idx, x_in, labels, scales, gen)
                     scaler.scale(loss / args.grad_accum).backward()
-                for k, v in dict(info, loss=loss.detach()).items():   # the step's scalars, over micro-batches
+                for k, v in dict(info, loss=loss.detach()).items():  # micro-batch mean of scalars
                     if v.dim() == 0:
                         totals[k] = totals.get(k, 0.0) + v.float() / args.grad_accum
             totals['grad_norm'] = optimizer_step(raw, opt, scaler, args.grad_clip).float()
-            if world > 1:      # every logged number is the mean over the processes, as the gradients are
+            if world > 1:  # every logged number is the mean over processes, as the gradients are
                 stats = torch.stack(list(totals.values()))
                 dist.all_reduce(stats)
                 totals = dict(zip(totals, stats / world))
             loss, grad_norm = totals['loss'], totals['grad_norm']
-            # fp16: inf gradients are an overflow the scaler skipped, not a failure; all else non-finite is
+            # non-finite = failure, except inf gradients under fp16: an overflow the scaler skipped
             if not torch.isfinite(loss) or (not torch.isfinite(grad_norm) and not scaler.is_enabled()):
                 last = ckpt_path if os.path.isfile(ckpt_path) else 'none yet'
-                raise UserError(f"loss {loss.item()} / grad norm {grad_norm.item()} at step {step}: "
-                                f"stopped; the last good checkpoint ({last}) is untouched. Try a lower --lr, "
-                                f"--dtype bf16/fp32 instead of fp16, or check the data")
+                raise UserError(f"loss {loss.item()} / grad norm {grad_norm.item()} at step "
+                                f"{step}: stopped; the last good checkpoint ({last}) is untouched. "
+                                f"Try a lower --lr, --dtype bf16/fp32 not fp16, or check the data")
             step += 1
             bar.update(1)
             if master and (step % args.log_every == 0 or step == args.steps):
@@ -587,58 +595,61 @@ def train(args, make_loss):
                            imgs_per_s=(step - t0_step) * args.batch_size / (time.time() - t0))
                 rec.update(fp16_scale=scaler.get_scale()) if scaler.is_enabled() else None
                 print(json.dumps(rec), file=log, flush=True)
-                tqdm.write(json.dumps({k: round(v, 5) if type(v) is float else v for k, v in rec.items()}))
+                short = {k: round(v, 5) if type(v) is float else v for k, v in rec.items()}
+                tqdm.write(json.dumps(short))
                 t0, t0_step = time.time(), step
             if step % args.ckpt_every == 0 or step == args.steps:
                 save(step)
-    except KeyboardInterrupt:  # Ctrl-C keeps the finished steps: the weights are those after `step` steps
+    except KeyboardInterrupt:  # Ctrl-C keeps the finished steps: the weights after `step` steps
         save(step)
-        raise KeyboardInterrupt(f"checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
+        raise KeyboardInterrupt(f"step {step} checkpointed to {ckpt_path}; continue with --resume")
     finally:
         bar.close()
         log.close() if log else None
     print(f"done: {step} steps; checkpoint {ckpt_path}") if master else None
     return raw
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. checkpoint I/O and the sampling command
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def extract_state_dict(ckpt):
-    """Every layout in the wild: ours {'model': sd}, the official training output {'trainer': {'var_wo_ddp':
-    sd}}, or a flat FlexVAR state_dict (the released FlexVARd*-epo*.pth)."""
+    """Every layout in the wild: ours {'model': sd}, the official training output {'trainer':
+    {'var_wo_ddp': sd}}, or a flat FlexVAR state_dict (the released FlexVARd*-epo*.pth)."""
     if isinstance(ckpt.get('trainer'), dict) and 'var_wo_ddp' in ckpt['trainer']:
         ckpt = ckpt['trainer']['var_wo_ddp']
     sd = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
     sd = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}
-    sd.pop('attn_bias_for_masking', None)   # the official mask, built for whichever scale list came last
+    sd.pop('attn_bias_for_masking', None)  # the official mask, for whichever scale list came last
     return sd
 
 def config_from_state_dict(sd):
     """(depth, V, num_classes, Cv) from the tensor shapes, so a checkpoint describes itself."""
     if 'pos_start' not in sd or 'head.weight' not in sd:
-        raise UserError("not a FlexVAR/SAR transformer checkpoint (it has no 'pos_start' / 'head.weight')")
+        raise UserError("not a FlexVAR/SAR transformer checkpoint (no 'pos_start' / 'head.weight')")
     return dict(depth=sd['pos_start'].shape[-1] // 64, vocab_size=sd['head.weight'].shape[0],
-                num_classes=len(sd['class_emb.weight']) - 1, codebook_dim=sd['word_embed.weight'].shape[1])
+                num_classes=len(sd['class_emb.weight']) - 1,
+                codebook_dim=sd['word_embed.weight'].shape[1])
 
 def checked_state_dict(ckpt, depth, what):
-    """The transformer state_dict of a checkpoint, refused with one clear line when it is of another depth."""
+    """A checkpoint's transformer state_dict, refused in one clear line if of another depth."""
     sd = extract_state_dict(ckpt)
     if (d := config_from_state_dict(sd)['depth']) != depth:
         raise UserError(f"{what} holds a depth-{d} model but --depth is {depth}: pass --depth {d}")
     return sd
 
 def build_model(args, vae, num_classes):
-    """A FlexVAR for the tokenizer's codebook: initialised as the official code does, or from --init."""
+    """A FlexVAR for the tokenizer's codebook: initialised as the official code does, or --init."""
     V, Cv = vae.codebook().shape
     gates = 1e-4 if args.depth >= 24 else 1e-3                           # the official --alng
     model = FlexVAR(args.depth, V, num_classes, Cv, args.drop_path).init_weights(init_adaln_gamma=gates)
     if args.init:
-        sd = checked_state_dict(load_checkpoint(args.init, args.trust_checkpoint), args.depth, f"--init {args.init}")
-        load_state_dict_strict(model, sd, f"--init {args.init}")
+        what = f"--init {args.init}"
+        sd = checked_state_dict(load_checkpoint(args.init, args.trust_checkpoint), args.depth, what)
+        load_state_dict_strict(model, sd, what)
     return model
 
 def load_for_sampling(ckpt_path, vae_path, device, trust=False):
-    """A checkpoint (ours or official) and its tokenizer -> (model in eval mode, vae, our run's args)."""
+    """A checkpoint (ours or official) and its tokenizer -> (model in eval mode, vae, our args)."""
     ck = load_checkpoint(ckpt_path, trust)
     sd = extract_state_dict(ck)
     model = FlexVAR(**config_from_state_dict(sd))
@@ -646,32 +657,33 @@ def load_for_sampling(ckpt_path, vae_path, device, trust=False):
     ours = ck.get('args') if isinstance(ck.get('args'), dict) else None
     vae_path = vae_path or (ck.get('tokenizer') if ours else None)
     if not vae_path:
-        raise UserError(f"{ckpt_path} names no tokenizer: pass --vae (FlexVAE.pth for official checkpoints)")
+        raise UserError(f"{ckpt_path} names no tokenizer: pass --vae (FlexVAE.pth for official "
+                        f"checkpoints)")
     vae = load_tokenizer(vae_path, device, trust)
     if tuple(vae.codebook().shape) != (model.V, model.config['codebook_dim']):
-        raise UserError(f"tokenizer {vae_path} has a {tuple(vae.codebook().shape)} codebook; the model "
-                        f"expects ({model.V}, {model.config['codebook_dim']})")
+        raise UserError(f"tokenizer {vae_path} has a {tuple(vae.codebook().shape)} codebook; the "
+                        f"model expects ({model.V}, {model.config['codebook_dim']})")
     return model.to(device).eval(), vae, ours
 
 @torch.no_grad()
 def run_sampling(args):
-    """--sample: --num-samples images per class -> samples.png (a row per class), optional trajectory.png,
-    per-image PNGs and an ADM-style .npz (arr_0 uint8 NHWC, labels). Image i draws from a generator seeded by
-    (--seed, i), so an image does not depend on --sample-batch nor on the number of processes: under torchrun
-    rank r takes batches r, r+world, ... and writes them into one shared memory-mapped array: 50,000 images
-    never sit in memory."""
+    """--sample: --num-samples images per class -> samples.png (a row per class), optional
+    trajectory.png, per-image PNGs and an ADM-style .npz (arr_0 uint8 NHWC, labels). Image i draws
+    from a generator seeded by (--seed, i): it depends neither on --sample-batch nor on the number
+    of processes. Under torchrun rank r takes batches r, r+world, ... and writes them into one
+    shared memory-mapped array: 50,000 images never sit in memory."""
     rank, world, device = setup_distributed(args.device)
     model, vae, ours = load_for_sampling(args.ckpt, args.vae, device, args.trust_checkpoint)
-    model = cpu_speed.apply(model)                           # threads, memory, kernels (cpu_speed.py)
+    model = cpu_speed.apply(model)                        # threads, memory, kernels (cpu_speed.py)
     scales = args.scales or (ours['scales'] if ours else list(OFFICIAL_SCALES))
-    cfg = 1.5 if ours else {16: 2.2, 20: 2.6, 24: 3.3}.get(model.depth, 1.5)   # the official eval settings
+    cfg = 1.5 if ours else {16: 2.2, 20: 2.6, 24: 3.3}.get(model.depth, 1.5)  # official eval values
     cfg = cfg if args.cfg is None else args.cfg
     classes = list(range(model.num_classes)) if args.classes == 'all' else args.classes
     if not set(classes) <= set(range(model.num_classes)):
-        raise UserError(f"--classes out of range: this model has classes 0..{model.num_classes - 1}")
+        raise UserError(f"--classes out of range: the model has classes 0..{model.num_classes - 1}")
     out = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
     check_writable(os.path.join(out, 'samples.png'), '--out-dir')
-    check_writable(args.save_npz, '--save-npz') if args.save_npz else None       # before hours of sampling
+    check_writable(args.save_npz, '--save-npz') if args.save_npz else None  # before hours of work
     labels = torch.tensor([c for c in classes for _ in range(args.num_samples)])
     n, bs, side = len(labels), args.sample_batch, scales[-1] * vae.downsample
     path = os.path.join(out, '.samples.npy')
@@ -679,33 +691,37 @@ def run_sampling(args):
         os.makedirs(out, exist_ok=True)
         np.lib.format.open_memmap(path, 'w+', np.uint8, (n, side, side, 3)).flush()
     dist.barrier() if world > 1 else None
-    arr = np.load(path, mmap_mode='r+')                                             # (n, H, W, 3) uint8
-    gens = lambda lo, hi: [torch.Generator(device).manual_seed(step_seed(args.seed, i)) for i in range(lo, hi)]
+    arr = np.load(path, mmap_mode='r+')                                  # (n, H, W, 3) uint8
+    gens = lambda lo, hi: [torch.Generator(device).manual_seed(step_seed(args.seed, i))
+                           for i in range(lo, hi)]                      # one generator per image
     try:  # the memory-mapped scratch file goes, whatever happens
-        for b in tqdm(range(rank, (n + bs - 1) // bs, world), disable=rank != 0 or args.quiet, desc='sampling'):
+        for b in tqdm(range(rank, (n + bs - 1) // bs, world), disable=rank != 0 or args.quiet,
+                      desc='sampling'):
             lo, hi = b * bs, min(n, (b + 1) * bs)
             with autocast_ctx(device, args.dtype):
-                images = sample(model, vae, labels[lo:hi].to(device), scales, cfg, args.top_k, args.top_p,
-                                gens(lo, hi), args.cfg_form)
+                images = sample(model, vae, labels[lo:hi].to(device), scales, cfg, args.top_k,
+                                args.top_p, gens(lo, hi), args.cfg_form)
             arr[lo:hi] = to_uint8(images)
         arr.flush()
         dist.barrier() if world > 1 else None
         if rank == 0:
             save_samples(args, arr, labels, classes, out)
-            if args.trajectory:  # rows: the first 8 samples again; columns: the image after each scale (Fig. 7)
-                _, steps = sample(model, vae, labels[:8].to(device), scales, cfg, args.top_k, args.top_p,
-                                  gens(0, min(8, n)), args.cfg_form, trajectory=True)
-                traj = torch.stack([F.interpolate(s.float(), size=(side, side), mode='nearest') for s in steps], 1)
-                save_image_grid(traj.flatten(0, 1), os.path.join(out, 'trajectory.png'), nrow=len(scales))
+            if args.trajectory:  # Fig. 7: the first 8 samples (rows) after each scale (columns)
+                _, steps = sample(model, vae, labels[:8].to(device), scales, cfg, args.top_k,
+                                  args.top_p, gens(0, min(8, n)), args.cfg_form, trajectory=True)
+                up = [F.interpolate(s.float(), size=(side, side), mode='nearest') for s in steps]
+                traj = torch.stack(up, 1).flatten(0, 1)
+                save_image_grid(traj, os.path.join(out, 'trajectory.png'), nrow=len(scales))
     finally:
         if rank == 0 and os.path.exists(path):
             os.remove(path)
 
 def save_samples(args, arr, labels, classes, out):
-    """The sampled images (n, H, W, 3) uint8 -> samples.png (up to 10 classes x 10, a row per class), and
-    with --save-png / --save-npz one PNG per image and the ADM-style .npz."""
+    """The sampled images (n, H, W, 3) uint8 -> samples.png (up to 10 classes x 10, a row per
+    class), and with --save-png / --save-npz one PNG per image and the ADM-style .npz."""
     per_class = min(args.num_samples, 10)
-    keep = [i for i, c in enumerate(labels.tolist()) if classes.index(c) < 10 and i % args.num_samples < 10]
+    keep = [i for i, c in enumerate(labels.tolist())
+            if classes.index(c) < 10 and i % args.num_samples < 10]
     grid = torch.from_numpy(arr[keep]).permute(0, 3, 1, 2) / 127.5 - 1
     save_image_grid(grid, os.path.join(out, 'samples.png'), nrow=per_class)
     for i, (img, c) in enumerate(zip(arr, labels.tolist()) if args.save_png else []):
@@ -713,21 +729,23 @@ def save_samples(args, arr, labels, classes, out):
         Image.fromarray(img).save(os.path.join(out, 'samples', str(c), f'{i:06d}.png'))
     if args.save_npz:  # np.savez streams the memory-mapped array into the zip in 16 MiB chunks
         atomic_write(args.save_npz, lambda f: np.savez(f, arr_0=arr, labels=labels.numpy()))
-    print(f"wrote {out}/samples.png" + (f", {args.save_npz} ({len(arr)} images)" if args.save_npz else ''))
+    npz = f", {args.save_npz} ({len(arr)} images)" if args.save_npz else ''
+    print(f"wrote {out}/samples.png" + npz)
 
-# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. the command line
-# --------------------------------------------------------------------------------------------------------
-# The official runs, from the official scripts: base LR tblr * batch / 256 on the 'lin0' schedule over `ep`
-# epochs (2 % warm-up, hold 5 %, linear to wpe * peak); SAR post-training re-enters it after epoch `start`.
+# --------------------------------------------------------------------------------------------------
+# The official runs, from the official scripts: base LR tblr * batch / 256 on the 'lin0' schedule
+# over `ep` epochs (2 % warm-up, hold 5 %, linear to wpe * peak); SAR post-training re-enters it
+# after epoch `start`.
 OFFICIAL_RECIPES = {16: dict(tblr=1e-4, wpe=0.1, ep=190, start=179),
                     20: dict(tblr=1e-4, wpe=0.1, ep=260, start=249),
                     24: dict(tblr=8e-5, wpe=0.01, ep=360, start=349)}
 
 def official_lr(depth, mode, batch):
     """(peak, end fraction, hold fraction) of the official run at this depth (the nearest recipe).
-    Pretraining runs the whole lin0 schedule; SAR continues it from epoch `start` to `ep`, where lin0 is
-    linear, so its LR decays linearly from the schedule's value at `start` to wpe * peak."""
+    Pretraining runs the whole lin0 schedule; SAR continues it from epoch `start` to `ep`, where
+    lin0 is linear, so its LR decays linearly from the schedule's value at `start` to wpe * peak."""
     r = OFFICIAL_RECIPES[min(OFFICIAL_RECIPES, key=lambda d: abs(d - depth))]
     peak = r['tblr'] * batch / 256
     if mode == 'tf':
@@ -737,44 +755,44 @@ def official_lr(depth, mode, batch):
 
 def get_parser():
     p = ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="SAR "
-                                "for FlexVAR. Defaults: the laptop run below depth 12, else the official.")
+                       "for FlexVAR. Defaults: the laptop run below depth 12, else the official.")
     a = p.add_argument
-    a('--mode', choices=['tf', 'sar'], default='tf', help="tf: eq. 2; sar: L_TF + gamma * L_CSF, eq. 11")
+    a('--mode', choices=['tf', 'sar'], default='tf', help="tf: eq. 2; sar: eq. 11, TF + gamma*CSF")
     a('--sample', action='store_true', help="generate images from --ckpt instead of training")
     a('--depth', type=int, default=4, help="transformer depth: width 64*depth, heads = depth")
-    a('--data', default='toy', help="'toy', an ImageFolder dir, an .npz (images, labels) or an MNIST IDX dir")
+    a('--data', default='toy', help="'toy', ImageFolder dir, .npz (images, labels), MNIST IDX dir")
     a('--vae', help="the tokenizer (training: out/tokenizer.pt; sampling: the checkpoint's)")
-    a('--image-size', type=int, help="resolution (32; depth >= 12: 512, official; the paper's is 256)")
-    a('--crop', choices=['center', 'random'], help="random: official (default at depth >= 12), 0.88-1 jitter")
-    a('--scales', help="scale list (1,2,3,4,5,6,8; depth >= 12: 1,...,10,13,16; sampling: the checkpoint's)")
-    a('--scale-schedule', choices=['random', 'fixed'], default='random', help="random: official, per step")
-    a('--init', default='', help="initial weights: an official FlexVAR/SAR checkpoint or one of ours")
+    a('--image-size', type=int, help="resolution (32; depth >= 12: 512, official; paper: 256)")
+    a('--crop', choices=['center', 'random'], help="random: official (depth >= 12), 0.88-1 jitter")
+    a('--scales', help="scale list (1,...,6,8; depth >= 12: 1,...,10,13,16; sampling: the ckpt's)")
+    a('--scale-schedule', choices=['random', 'fixed'], default='random', help="random: official")
+    a('--init', default='', help="initial weights: official FlexVAR/SAR checkpoint or one of ours")
     a('--trust-checkpoint', action='store_true', help="allow checkpoints that need full unpickling")
     a('--sf-transitions', choices=['last', 'all'], default='last', help="last: official; all: eq. 6/8")
     a('--csf-target', choices=['teacher', 'gt'], default='teacher', help="teacher: eq. 10; gt: Algorithm 1")
-    a('--sf-input', choices=['argmax', 'sample', 'cfg'], default='cfg', help="how pass 1 becomes SF inputs")
+    a('--sf-input', choices=['argmax', 'sample', 'cfg'], default='cfg', help="pass 1 -> SF inputs")
     a('--sf-top-k', type=int, default=900, help="top-k of SF sampling (official 900)")
     a('--sf-top-p', type=float, default=0.96, help="top-p of SF sampling (official trainer 0.96)")
-    a('--sf-cfg', type=float, default=1.2, help="CFG of SF sampling, ramped (official 1.2; <= 1: unguided)")
+    a('--sf-cfg', type=float, default=1.2, help="SF sampling CFG, ramped (official 1.2; <= 1: off)")
     a('--gamma', type=float, default=0.01, help="weight of L_CSF, eq. 11 (official sigma 0.01)")
     a('--steps', type=int, default=1200, help="optimizer steps")
-    a('--batch-size', type=int, default=32, help="global batch (split over processes and --grad-accum)")
+    a('--batch-size', type=int, default=32, help="global batch (over processes and --grad-accum)")
     a('--grad-accum', type=int, default=1, help="micro-steps per optimizer step")
     a('--lr', type=float, help="peak LR (tf 1e-3; sar 1e-4: where tf ends; depth >= 12: official)")
     a('--lr-end', type=float, help="final LR / peak (tf 0.1; sar 1; depth >= 12: official)")
     a('--warmup-steps', type=int, help="linear warm-up steps (tf: 2%% of --steps; sar: 0)")
     a('--weight-decay', type=float, default=0.05, help="AdamW weight decay on matrices")
     a('--grad-clip', type=float, default=2.0, help="gradient-norm clipping")
-    a('--cond-drop', type=float, default=0.1, help="class dropout (trains the unconditional model for CFG)")
+    a('--cond-drop', type=float, default=0.1, help="class dropout (trains the model CFG uses)")
     a('--drop-path', type=float, help="max stochastic-depth rate (default 0.1*depth/24)")
-    a('--flip', action=argparse.BooleanOptionalAction, help="random h-flips (official; off below depth 12)")
+    a('--flip', action=argparse.BooleanOptionalAction, help="random h-flips (official; off < d12)")
     a('--dtype', choices=['auto', 'bf16', 'fp16', 'fp32'], default='auto', help="bf16 if native, else fp32")
     a('--compile', action='store_true', help="torch.compile the model")
-    a('--out-dir', default='', help="output folder (default out/<mode>; sampling: the checkpoint's)")
+    a('--out-dir', default='', help="output folder (default out/<mode>; sampling: the ckpt's)")
     a('--resume', action='store_true', help="continue from <out-dir>/ckpt.pt if it exists")
-    a('--ckpt-every', type=int, default=200, help="write the checkpoint every N steps and at the end")
+    a('--ckpt-every', type=int, default=200, help="checkpoint every N steps and at the end")
     a('--log-every', type=int, default=50, help="log every N steps (stdout + <out-dir>/log.jsonl)")
-    a('--seed', type=int, default=0, help="seed of everything random: data order, training, sampling")
+    a('--seed', type=int, default=0, help="seed of all randomness: data order, training, sampling")
     a('--device', default='auto', help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
     a('--workers', type=int, default=1, help="DataLoader worker processes")
     a('--quiet', action='store_true', help="no progress bar; log lines only")
@@ -787,35 +805,39 @@ def get_parser():
     a('--num-samples', type=int, default=8, help="--sample: images per class")
     a('--sample-batch', type=int, default=64, help="--sample: images per forward batch")
     a('--save-npz', default='', help="--sample: also write all images to this .npz (arr_0, labels)")
-    a('--save-png', action='store_true', help="--sample: also one PNG per image in <out-dir>/samples/")
-    a('--trajectory', action='store_true', help="--sample: also the image after every scale (Fig. 7)")
+    a('--save-png', action='store_true', help="--sample: also a PNG per image in <out-dir>/samples")
+    a('--trajectory', action='store_true', help="--sample: the image after each scale too (Fig. 7)")
     return p
 
 # every numeric flag's valid range, checked in one place on the values as given (None: not given)
-RANGES = {**{k: ('>= 1', lambda v: v >= 1) for k in ('depth', 'steps', 'batch_size', 'grad_accum', 'image_size',
-                                                    'log_every', 'ckpt_every', 'num_samples', 'sample_batch')},
-          **{k: ('>= 0', lambda v: v >= 0) for k in ('warmup_steps', 'workers', 'lr_end', 'weight_decay',
-                                                    'gamma', 'sf_top_k', 'sf_cfg', 'cfg', 'top_k')},
+RANGES = {**{k: ('>= 1', lambda v: v >= 1) for k in ('depth', 'steps', 'batch_size', 'grad_accum',
+                                                    'image_size', 'log_every', 'ckpt_every',
+                                                    'num_samples', 'sample_batch')},
+          **{k: ('>= 0', lambda v: v >= 0) for k in ('warmup_steps', 'workers', 'lr_end',
+                                                    'weight_decay', 'gamma', 'sf_top_k', 'sf_cfg',
+                                                    'cfg', 'top_k')},
           **{k: ('> 0', lambda v: v > 0) for k in ('lr', 'grad_clip')},
           **{k: ('in [0, 1)', lambda v: 0 <= v < 1) for k in ('cond_drop', 'drop_path')},
           **{k: ('in [0, 1]', lambda v: 0 <= v <= 1) for k in ('top_p', 'sf_top_p')}}
 # flags that only training / only --sample reads: given to the other, they would be silently ignored
-TRAIN_ONLY = ('mode', 'data', 'image_size', 'crop', 'scale_schedule', 'init', 'sf_transitions', 'csf_target',
-              'sf_input', 'sf_top_k', 'sf_top_p', 'sf_cfg', 'gamma', 'steps', 'batch_size', 'grad_accum', 'lr',
-              'lr_end', 'warmup_steps', 'weight_decay', 'grad_clip', 'cond_drop', 'drop_path', 'flip',
-              'compile', 'resume', 'ckpt_every', 'log_every', 'workers', 'depth')
-SAMPLE_ONLY = ('ckpt', 'cfg', 'cfg_form', 'top_k', 'top_p', 'classes', 'num_samples', 'sample_batch',
-               'save_npz', 'save_png', 'trajectory')
+TRAIN_ONLY = ('mode', 'data', 'image_size', 'crop', 'scale_schedule', 'init', 'sf_transitions',
+              'csf_target', 'sf_input', 'sf_top_k', 'sf_top_p', 'sf_cfg', 'gamma', 'steps',
+              'batch_size', 'grad_accum', 'lr', 'lr_end', 'warmup_steps', 'weight_decay',
+              'grad_clip', 'cond_drop', 'drop_path', 'flip', 'compile', 'resume', 'ckpt_every',
+              'log_every', 'workers', 'depth')
+SAMPLE_ONLY = ('ckpt', 'cfg', 'cfg_form', 'top_k', 'top_p', 'classes', 'num_samples',
+               'sample_batch', 'save_npz', 'save_png', 'trajectory')
 
 def check_ranges(args):
-    """Refuse a numeric flag outside its range (or NaN/inf) with one line naming it and the range."""
+    """Refuse a numeric flag outside its range (or NaN/inf), in one line naming it and the range."""
     for name, (rule, ok) in RANGES.items():
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and ok(v)):
-            raise UserError(f"--{name.replace('_', '-')} {v} is out of range: it must be {rule} (see --help)")
+            flag = '--' + name.replace('_', '-')
+            raise UserError(f"{flag} {v} is out of range: it must be {rule} (see --help)")
 
 def check_unused(given, parser):
-    """Training flags given with --sample, or sampling flags without it, are an error, not silently ignored."""
+    """Training flags with --sample or sampling flags without it: an error, not silently ignored."""
     sample = given['sample']
     unused = [k for k in (TRAIN_ONLY if sample else SAMPLE_ONLY) if given[k] != parser.get_default(k)]
     if unused:
@@ -832,7 +854,7 @@ def resolve_args(args):
                                                                 else LAPTOP_SCALES)))
     args.image_size = args.image_size or (512 if official else 32)
     args.crop = args.crop or ('random' if official else 'center')
-    args.flip = official if args.flip is None else args.flip    # a mirrored 2, 5 or 7 is not a digit
+    args.flip = official if args.flip is None else args.flip  # a mirrored 2, 5 or 7 is no digit
     args.vae = args.vae or (None if args.sample else os.path.join('out', 'tokenizer.pt'))
     args.out_dir = args.out_dir or ('' if args.sample else os.path.join('out', args.mode))
     peak, end, args.lr_hold = official_lr(args.depth, args.mode, args.batch_size) if official else \
@@ -845,7 +867,8 @@ def resolve_args(args):
         try:
             args.classes = [int(c) for c in args.classes.split(',')]
         except ValueError:
-            raise UserError(f"--classes takes 'all' or comma-separated ids, not {args.classes!r}") from None
+            raise UserError(f"--classes takes 'all' or comma-separated ids, not "
+                            f"{args.classes!r}") from None
     if args.sample and not args.ckpt:
         raise UserError("--sample needs --ckpt CKPT (e.g. out/sar/ckpt.pt)")
     return args
@@ -856,15 +879,15 @@ def loss_for(args, vae, num_classes):
         return functools.partial(tf_loss, num_classes=num_classes, cond_drop=args.cond_drop)
     draw = SFDraw(args.sf_input, args.sf_top_k, args.sf_top_p, args.sf_cfg)
     return functools.partial(sar_loss, vae=vae, num_classes=num_classes, cond_drop=args.cond_drop,
-                             gamma=args.gamma, transitions=args.sf_transitions, target=args.csf_target,
-                             draw=draw)
+                             gamma=args.gamma, transitions=args.sf_transitions,
+                             target=args.csf_target, draw=draw)
 
 def main(argv=None, make_loss=loss_for):
-    """The command line (experiments/ train other losses through make_loss): one line `error: ...`."""
+    """The command line (experiments/ train other losses via make_loss): one line `error: ...`."""
     try:
         parser = get_parser()
         args = parser.parse_args(argv)
-        given = dict(vars(args))                  # the flags as typed, before the defaults are filled in
+        given = dict(vars(args))           # the flags as typed, before the defaults are filled in
         args = resolve_args(args)
         check_unused(given, parser)
         run_sampling(args) if args.sample else train(args, make_loss)
