@@ -5,6 +5,7 @@ schedule, and image grids. fid.py keeps small copies of the few it needs, so tha
 """
 
 import argparse
+import json
 import math
 import os
 import pickle
@@ -216,3 +217,35 @@ def lr_at(step, total, peak, warmup, end_frac, hold_frac):
     if t <= hold_frac:
         return peak
     return peak * (1 - (1 - end_frac) * min(1.0, (t - hold_frac) / max(1e-8, 1 - hold_frac)))
+
+
+def trim_log(path, step):
+    """Keep the records of log.jsonl up to `step` (a resumed run does the later ones again; a new
+    run in the same folder starts at 0); a line cut short by a kill is dropped."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in open(path, encoding='utf-8', errors='replace'):
+        try:
+            keep += [line] if json.loads(line)['step'] <= step else []
+        except (ValueError, KeyError, TypeError):
+            pass
+    atomic_write(path, lambda f: f.write(''.join(keep).encode()))
+
+
+def check_ranges(args, ranges):
+    """Refuse a numeric flag outside its range (or NaN/inf) in one line naming it and the range.
+    ranges: {dest: (the rule in words, predicate)}; a value of None (not given) passes."""
+    for name, (rule, ok) in ranges.items():
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            raise UserError(f"--{name.replace('_', '-')} {v} is out of range: it must be {rule} (see --help)")
+
+
+def check_unused(given, parser, unread, what):
+    """Flags among `unread` that were given (differ from the parser's defaults) would be silently
+    ignored by this command: an error that names them instead."""
+    unused = [k for k in unread if given[k] != parser.get_default(k)]
+    if unused:
+        flags = ', '.join('--' + k.replace('_', '-') for k in unused)
+        raise UserError(f"{what} {flags}: drop {'it' if len(unused) == 1 else 'them'}")

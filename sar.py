@@ -11,11 +11,9 @@ the official FlexVAR / SAR checkpoints; the multi-scale VQ tokenizer lives in to
     python sar.py --sample --ckpt out/sar/ckpt.pt             # -> out/sar/samples.png, a row/class
     torchrun --standalone --nproc_per_node 8 sar.py --mode sar --depth 16 --data /imagenet/train ...
 
-Read top to bottom, the file follows the method: 1. attention and the AdaLN block; 2. the scale-wise
-transformer and its block-causal mask (eq. 1); 3. teacher forcing, the scale-shift input and its
-loss (eq. 2, 4, 9); 4. SAR: Stagger-Scale Rollout (eq. 5-6) and the Contrastive Student-Forcing Loss
-(eq. 10-11); 5. sampling (KV cache, classifier-free guidance); 6. the training loop (1 process or
-torchrun DDP, AMP, exact resume); 7. checkpoint I/O and the sampling command; 8. the command line.
+Read top to bottom, the file follows the method: 1-2. the transformer and its block-causal mask (eq.
+1); 3. teacher forcing (eq. 2, 4, 9); 4. SAR: SSR and CSFL (eq. 5-6, 10-11); 5. sampling; 6. the
+training loop (1 process or torchrun DDP); 7. checkpoints and the sampling command; 8. the CLI.
 Shapes: B batch, L tokens of a scale list, C model width, H heads, V codebook size, Cv codebook dim.
 A scale list holds side lengths pn_0 < pn_1 < ...; scale i is a pn_i x pn_i token map, row-major.
 """
@@ -35,18 +33,17 @@ from PIL import Image
 from tqdm import tqdm
 
 import cpu_speed  # CPU speed machinery, applied in one line (section 6)
-from common import (ArgumentParser, UserError, atomic_write, check_scales, check_writable,
-                    error_line, load_checkpoint, load_state_dict_strict, lr_at, parse_scales,
-                    save_atomic, save_image_grid, step_batches, step_seed, to_uint8)
+from common import (ArgumentParser, UserError, atomic_write, check_ranges, check_scales,
+                    check_unused, check_writable, error_line, load_checkpoint, load_state_dict_strict,
+                    lr_at, parse_scales, save_atomic, save_image_grid, step_batches, step_seed,
+                    to_uint8, trim_log)
 from data import load_dataset
 from tokenizer import load_tokenizer
 
 OFFICIAL_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # FlexVAR's list for 256 px output (L = 680)
 LAPTOP_SCALES = (1, 2, 3, 4, 5, 6, 8)                # the laptop run (8x8 latent, L = 155)
 
-# --------------------------------------------------------------------------------------------------
-# 1. attention and the AdaLN block (FlexVAR keeps VAR's blocks; names match the official state_dict)
-# --------------------------------------------------------------------------------------------------
+# ---- 1. attention and the AdaLN block (VAR's blocks; names as in the official state_dict) -------
 class SelfAttention(nn.Module):
     """Multi-head attention on L2-normalised q and k with a learned per-head temperature.
 
@@ -114,9 +111,7 @@ class AdaLNBeforeHead(nn.Module):
         scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, x.shape[-1]).unbind(2)
         return self.ln_wo_grad(x) * (1 + scale) + shift
 
-# --------------------------------------------------------------------------------------------------
-# 2. the scale-wise transformer and its block-causal scale mask
-# --------------------------------------------------------------------------------------------------
+# ---- 2. the scale-wise transformer and its block-causal scale mask -------------------------------
 def begin_ends(scales):
     """[(start, end)]: the token range of every scale in the flattened sequence."""
     ends = [sum(pn * pn for pn in scales[:i]) for i in range(len(scales) + 1)]
@@ -207,14 +202,11 @@ def sincos_grid(C, size=32):
     grid[1::2] = torch.cos(xs[None] * w[:, None, None])
     return grid[None].float()
 
-# --------------------------------------------------------------------------------------------------
-# 3. teacher forcing (eq. 2, 4, 9)
-# --------------------------------------------------------------------------------------------------
+# ---- 3. teacher forcing (eq. 2, 4, 9) ------------------------------------------------------------
 # Eq. (2): scale i is predicted from the *ground-truth* maps of all coarser scales. FlexVAR feeds
 # them as a "scale shift": the input at scale i is the map of scale i-1, embedded with the codebook
 # and bicubically upsampled to pn_i x pn_i. The block-causal mask lets scale i also see everything
 # coarser, so all K predictions of eq. (4), f^(T)_i = g(f_{1:i-1}), come out of one forward pass.
-
 def scale_shift(vae, idx, pn, nxt):
     """(B, pn^2) tokens of scale pn -> (B, nxt^2, Cv), the input of scale `nxt`: their code vectors,
     upsampled by the official bicubic resize (align_corners=False), flattened row-major."""
@@ -271,9 +263,7 @@ def random_scales(default_scales, rng):
         scales.pop(rng.randint(max(1, len(scales) - 4), len(scales) - 1))
     return scales
 
-# --------------------------------------------------------------------------------------------------
-# 4. SAR: Stagger-Scale Rollout (eq. 5-6) and the Contrastive Student-Forcing Loss (eq. 10-11)
-# --------------------------------------------------------------------------------------------------
+# ---- 4. SAR: Stagger-Scale Rollout (eq. 5-6) and Contrastive Student-Forcing Loss (eq. 10-11) --
 # At inference the model consumes its *own* coarser maps, which teacher forcing never showed it
 # (exposure bias, section 3). SSR shows them to it at the cost of one extra forward pass:
 #   pass 1 = teacher forcing (above). Its predictions become tokens without gradient (argmax, or
@@ -376,9 +366,7 @@ def sar_loss(model, gt_idx, x_in, labels, scales, gen=None, *, vae, num_classes,
     info.update(loss_csf=loss_csf.detach(), sf_acc=(sf_logits.argmax(-1) == csf_target).float().mean())
     return loss_tf + gamma * loss_csf, info                       # eq. (11)
 
-# --------------------------------------------------------------------------------------------------
-# 5. sampling: KV cache, classifier-free guidance
-# --------------------------------------------------------------------------------------------------
+# ---- 5. sampling: KV cache, classifier-free guidance ---------------------------------------------
 # The official sampler samples only at the side lengths the released models were trained on, up to
 # 16; elsewhere it is greedy. Kept, so official checkpoints sample as in the official code.
 OFFICIAL_SAMPLING_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -434,9 +422,7 @@ def sample(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator
     images = vae.decode_code(idx[-1], scales[-1])
     return (images, [vae.decode_code(t, p) for t, p in zip(idx, scales)]) if trajectory else images
 
-# --------------------------------------------------------------------------------------------------
-# 6. the training loop: one code path for 1 process and torchrun DDP
-# --------------------------------------------------------------------------------------------------
+# ---- 6. the training loop: one code path for 1 process and torchrun DDP --------------------------
 def setup_distributed(device_name):
     """(rank, world, device). Under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
@@ -478,19 +464,6 @@ def optimizer_step(model, opt, scaler, grad_clip):
     opt.zero_grad(set_to_none=True)
     return norm
 
-def trim_log(path, step):
-    """Keep the records of log.jsonl up to `step` (a resumed run does the later ones again; a new
-    run in the same folder starts at 0); a line cut short by a kill is dropped."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    for line in open(path, encoding='utf-8', errors='replace'):
-        try:
-            keep += [line] if json.loads(line)['step'] <= step else []
-        except (ValueError, KeyError, TypeError):
-            pass
-    atomic_write(path, lambda f: f.write(''.join(keep).encode()))
-
 def train(args, make_loss):
     """Train and write <out-dir>/ckpt.pt. make_loss(args, vae, num_classes) gives the step's loss,
     (model, gt_idx, x_in, labels, scales, gen) -> (loss, info): tf_loss or sar_loss, configured."""
@@ -503,17 +476,15 @@ def train(args, make_loss):
     check_writable(ckpt_path, '--out-dir')
     vae = load_tokenizer(args.vae, device, args.trust_checkpoint)       # frozen, eval mode
     if args.image_size % vae.downsample:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
-                        f"downsample factor {vae.downsample}")
+        raise UserError(f"--image-size {args.image_size} is not a multiple of {vae.downsample}, "
+                        f"the tokenizer's downsample factor")
     check_scales(args.scales, args.image_size // vae.downsample)
     # flips/crops are drawn per image from its step_batches seed: the same on any number of ranks
     data = load_dataset(args.data, args.image_size, 'train', args.flip, args.seed, args.crop)
     if len(data) < args.batch_size:
-        raise UserError(f"{args.data} has {len(data)} training images, less than a batch "
-                        f"({args.batch_size})")
+        raise UserError(f"{args.data}: {len(data)} training images, fewer than a batch")
     torch.manual_seed(args.seed)
-    raw = build_model(args, vae, data.num_classes).to(device)
-    raw = cpu_speed.apply(raw)                                          # threads, memory, kernels
+    raw = cpu_speed.apply(build_model(args, vae, data.num_classes).to(device))  # + CPU speed
     loss_fn = make_loss(args, vae, raw.num_classes)
     opt = make_optimizer(raw, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000,
@@ -528,12 +499,10 @@ def train(args, make_loss):
         step = ck['step']
     for block in raw.blocks if args.compile else []:  # per block, dynamic: L varies every step,
         block.compile(dynamic=True)    # and the student pass has its own (docs/design.md)
-    ids = [device] if device.type == 'cuda' else None
-    model = DDP(raw, ids) if world > 1 else raw                         # all-reduces the gradients
-    if master:
-        n = sum(p.numel() for p in raw.parameters()) / 1e6
-        print(f"{args.mode}: {n:.2f}M params, {len(data)} images, batch {args.batch_size} = "
-              f"{world} x {micro} x {args.grad_accum}, {device}, step {step}")
+    model = DDP(raw, [device] if device.type == 'cuda' else None) if world > 1 else raw  # grads all-reduced
+    n = sum(p.numel() for p in raw.parameters()) / 1e6
+    print(f"{args.mode}: {n:.2f}M params, {len(data)} images, batch {args.batch_size} = {world} x "
+          f"{micro} x {args.grad_accum}, {device}, step {step}") if master else None
 
     def save(at_step):
         if master:
@@ -609,9 +578,7 @@ def train(args, make_loss):
     print(f"done: {step} steps; checkpoint {ckpt_path}") if master else None
     return raw
 
-# --------------------------------------------------------------------------------------------------
-# 7. checkpoint I/O and the sampling command
-# --------------------------------------------------------------------------------------------------
+# ---- 7. checkpoint I/O and the sampling command --------------------------------------------------
 def extract_state_dict(ckpt):
     """Every layout in the wild: ours {'model': sd}, the official training output {'trainer':
     {'var_wo_ddp': sd}}, or a flat FlexVAR state_dict (the released FlexVARd*-epo*.pth)."""
@@ -657,8 +624,7 @@ def load_for_sampling(ckpt_path, vae_path, device, trust=False):
     ours = ck.get('args') if isinstance(ck.get('args'), dict) else None
     vae_path = vae_path or (ck.get('tokenizer') if ours else None)
     if not vae_path:
-        raise UserError(f"{ckpt_path} names no tokenizer: pass --vae (FlexVAE.pth for official "
-                        f"checkpoints)")
+        raise UserError(f"{ckpt_path} names no tokenizer: pass --vae (official: FlexVAE.pth)")
     vae = load_tokenizer(vae_path, device, trust)
     if tuple(vae.codebook().shape) != (model.V, model.config['codebook_dim']):
         raise UserError(f"tokenizer {vae_path} has a {tuple(vae.codebook().shape)} codebook; the "
@@ -729,12 +695,9 @@ def save_samples(args, arr, labels, classes, out):
         Image.fromarray(img).save(os.path.join(out, 'samples', str(c), f'{i:06d}.png'))
     if args.save_npz:  # np.savez streams the memory-mapped array into the zip in 16 MiB chunks
         atomic_write(args.save_npz, lambda f: np.savez(f, arr_0=arr, labels=labels.numpy()))
-    npz = f", {args.save_npz} ({len(arr)} images)" if args.save_npz else ''
-    print(f"wrote {out}/samples.png" + npz)
+    print(f"wrote {out}/samples.png" + (f", {args.save_npz} ({len(arr)} images)" if args.save_npz else ''))
 
-# --------------------------------------------------------------------------------------------------
-# 8. the command line
-# --------------------------------------------------------------------------------------------------
+# ---- 8. the command line -------------------------------------------------------------------------
 # The official runs, from the official scripts: base LR tblr * batch / 256 on the 'lin0' schedule
 # over `ep` epochs (2 % warm-up, hold 5 %, linear to wpe * peak); SAR post-training re-enters it
 # after epoch `start`.
@@ -819,35 +782,16 @@ RANGES = {**{k: ('>= 1', lambda v: v >= 1) for k in ('depth', 'steps', 'batch_si
           **{k: ('> 0', lambda v: v > 0) for k in ('lr', 'grad_clip')},
           **{k: ('in [0, 1)', lambda v: 0 <= v < 1) for k in ('cond_drop', 'drop_path')},
           **{k: ('in [0, 1]', lambda v: 0 <= v <= 1) for k in ('top_p', 'sf_top_p')}}
-# flags that only training / only --sample reads: given to the other, they would be silently ignored
-TRAIN_ONLY = ('mode', 'data', 'image_size', 'crop', 'scale_schedule', 'init', 'sf_transitions',
-              'csf_target', 'sf_input', 'sf_top_k', 'sf_top_p', 'sf_cfg', 'gamma', 'steps',
-              'batch_size', 'grad_accum', 'lr', 'lr_end', 'warmup_steps', 'weight_decay',
-              'grad_clip', 'cond_drop', 'drop_path', 'flip', 'compile', 'resume', 'ckpt_every',
-              'log_every', 'workers', 'depth')
+# flags both commands read; the others are training's or (help "--sample: ...") sampling's: given
+# to the command that does not read them, they are an error instead of being silently ignored
+SHARED = ('sample', 'vae', 'scales', 'trust_checkpoint', 'dtype', 'out_dir', 'seed', 'device',
+          'quiet')
 SAMPLE_ONLY = ('ckpt', 'cfg', 'cfg_form', 'top_k', 'top_p', 'classes', 'num_samples',
                'sample_batch', 'save_npz', 'save_png', 'trajectory')
 
-def check_ranges(args):
-    """Refuse a numeric flag outside its range (or NaN/inf), in one line naming it and the range."""
-    for name, (rule, ok) in RANGES.items():
-        v = getattr(args, name)
-        if v is not None and not (math.isfinite(v) and ok(v)):
-            flag = '--' + name.replace('_', '-')
-            raise UserError(f"{flag} {v} is out of range: it must be {rule} (see --help)")
-
-def check_unused(given, parser):
-    """Training flags with --sample or sampling flags without it: an error, not silently ignored."""
-    sample = given['sample']
-    unused = [k for k in (TRAIN_ONLY if sample else SAMPLE_ONLY) if given[k] != parser.get_default(k)]
-    if unused:
-        flags = ', '.join('--' + k.replace('_', '-') for k in unused)
-        what = "--sample generates from --ckpt and does not read" if sample else "training does not read"
-        raise UserError(f"{what} {flags}: drop {'it' if len(unused) == 1 else 'them'}")
-
 def resolve_args(args):
     """Fill the size- and mode-dependent defaults (see --help); refuse bad values before any work."""
-    check_ranges(args)
+    check_ranges(args, RANGES)
     official = args.depth >= 12
     if args.scales or not args.sample:  # sampling defaults to the checkpoint's list
         args.scales = parse_scales(args.scales or ','.join(map(str, OFFICIAL_SCALES if official
@@ -867,8 +811,7 @@ def resolve_args(args):
         try:
             args.classes = [int(c) for c in args.classes.split(',')]
         except ValueError:
-            raise UserError(f"--classes takes 'all' or comma-separated ids, not "
-                            f"{args.classes!r}") from None
+            raise UserError(f"--classes {args.classes!r}: 'all' or comma-separated ids") from None
     if args.sample and not args.ckpt:
         raise UserError("--sample needs --ckpt CKPT (e.g. out/sar/ckpt.pt)")
     return args
@@ -889,7 +832,9 @@ def main(argv=None, make_loss=loss_for):
         args = parser.parse_args(argv)
         given = dict(vars(args))           # the flags as typed, before the defaults are filled in
         args = resolve_args(args)
-        check_unused(given, parser)
+        train_only = [k for k in given if k not in SHARED + SAMPLE_ONLY]
+        check_unused(given, parser, train_only if args.sample else SAMPLE_ONLY,
+                     '--sample does not read' if args.sample else 'training does not read')
         run_sampling(args) if args.sample else train(args, make_loss)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)

@@ -817,7 +817,7 @@ def test_image_size_must_be_a_multiple_of_the_tokenizer_downsample(capsys, tiny_
     assert ds > 1
     size = 8 * ds - ds // 2                      # 30 for a 4x tokenizer; its latent (7) still fits 1,2,3,4
     err = error_of(capsys, train_args(tiny_vae_path, str(tmp_path / 'o'), '--image-size', str(size), '--steps', '1'))
-    assert f'--image-size {size}' in err and 'multiple' in err and f'factor {ds}' in err, err
+    assert f'--image-size {size}' in err and 'multiple' in err and f'multiple of {ds}' in err, err
     assert not (tmp_path / 'o').exists()
 
 
