@@ -316,7 +316,7 @@ def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
     return torch.searchsorted(cdf, torch.minimum(u, total * (1 - 2 ** -20)), right=True)[..., 0]
 
 @torch.no_grad()
-def ssr_draw(model, logits_BLV, x_in, labels, scales, which, draw, generator=None):
+def ssr_draw(model, logits_BLV, x_in, labels, num_classes, scales, which, draw, generator=None):
     """Eq. (5), first half: tokens {scale index: (B, pn^2)} drawn without gradient from the
     teacher-forced predictions of scales `which`. Guided draws need the unconditional logits: one
     more pass on the same inputs, outside autograd (the official code runs it as half of a doubled
@@ -324,7 +324,7 @@ def ssr_draw(model, logits_BLV, x_in, labels, scales, which, draw, generator=Non
     (1+t) cond - t uncond, t = cfg * (1 + i/(K-1)) / 2 (inference ramps t otherwise: cfg_combine)."""
     K, be, drawn = len(scales), begin_ends(scales), {}
     guided = draw.input == 'cfg' and draw.cfg > 1
-    uncond_BLV = model(torch.full_like(labels, model.num_classes), x_in, scales) if guided else None
+    uncond_BLV = model(torch.full_like(labels, num_classes), x_in, scales) if guided else None
     for i in which:
         a, b = be[i]
         lg = logits_BLV[:, a:b]                                                       # (B, pn^2, V)
@@ -357,7 +357,7 @@ def sar_loss(model, gt_idx, x_in, labels, scales, gen=None, *, vae, num_classes,
                             cond_drop=cond_drop)                                 # pass 1
     K = len(scales)
     which = [K - 2, K - 1] if transitions == 'last' else list(range(K))
-    drawn = ssr_draw(model, info['logits'], x_in, labels, scales, which, draw, gen)      # eq. (5)
+    drawn = ssr_draw(model, info['logits'], x_in, labels, num_classes, scales, which, draw, gen)
     lab_sf = drop_labels(labels, cond_drop, num_classes, gen)
     sf_logits, sf_scales = student_pass(model, vae, lab_sf, drawn, scales, transitions)  # eq. (6)
     pool = drawn if target == 'teacher' else dict(enumerate(gt_idx))

@@ -94,7 +94,8 @@ def test_fixture_sf_logits(fx):
     model, vae = fixture_var(fx), fixture_vae(fx)
     k, scales = fx['sf_scale_index'], fx['scales']
     a, b = sar.begin_ends(scales)[k]
-    src = sar.ssr_draw(model, fx['tf_logits'], fx['tf_input'], fx['labels'], scales, [k], sar.SFDraw('argmax'))[k]
+    src = sar.ssr_draw(model, fx['tf_logits'], fx['tf_input'], fx['labels'], model.num_classes, scales, [k],
+                       sar.SFDraw('argmax'))[k]
     assert torch.equal(src, fx['sf_src_idx']) and torch.equal(src, fx['tf_logits'][:, a:b].argmax(-1))
     assert fx['sf_patch_nums'] == [1, scales[k + 1]] == [1, 8]
     with torch.no_grad():
@@ -700,6 +701,13 @@ def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
     ref = log_records(tmp_path / 'one')
     assert [r['step'] for r in ref] == [1, 2, 3] and all(r['grad_norm'] > 0 for r in ref)
     assert_same_steps(ref, log_records(tmp_path / 'two'))
+    # the official recipe under DDP (CFG-sampled SF inputs: the unconditional pass runs through the DDP
+    # wrapper, which has none of the model's attributes), the random schedule and class dropout
+    cfg = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'sar.py',
+           *train_args(tiny_vae_path, str(tmp_path / 'cfg'), '--steps', '2', '--mode', 'sar')]
+    r = subprocess.run(cfg, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(r['step'], r['loss_csf'] > 0) for r in log_records(tmp_path / 'cfg')] == [(1, True), (2, True)]
 
 
 def test_grad_accum_equals_one_big_batch_per_step(tiny_vae_path, tmp_path):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole SAR recipe: tokenizer -> teacher-forcing pretraining -> SAR post-training -> sampling -> FID.
 #
-#   bash train.sh                      # the laptop pipeline on the built-in `toy` data (12 min on 2 CPU cores)
-#   DATA=data/mnist bash train.sh      # the same recipe on MNIST (or any small labelled set; 12 min)
+#   bash train.sh                      # the laptop pipeline on the built-in `toy` data (11-20 min, 2 CPU cores)
+#   DATA=data/mnist bash train.sh      # the same recipe on MNIST (or any small labelled set; as long)
 #   bash train.sh study                # the reproduction study: toy + MNIST, 8 variants x 3 seeds (docs/study.md)
 #   bash train.sh study2               # the second study: gamma, budget, from scratch (docs/study2.md)
 #   SMOKE=1 bash train.sh              # the same stages with tiny sizes (< 2 min; CI runs it)

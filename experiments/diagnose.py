@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sar  # noqa: E402
+import cpu_speed  # noqa: E402
 from common import UserError, atomic_write, check_writable, step_seed  # noqa: E402
 from data import load_dataset  # noqa: E402
 
@@ -45,6 +46,7 @@ def exposure_bias(model, vae, gt_idx, labels, scales, input_idx):
 def diagnose(args):
     device = sar.setup_distributed(args.device)[2]
     model, vae, ours = sar.load_for_sampling(args.ckpt, args.vae, device, args.trust_checkpoint)
+    model = cpu_speed.apply(model)                           # as sar.py's sampling command does
     scales = args.scales or (ours['scales'] if ours else list(sar.OFFICIAL_SCALES))
     cfg = 1.5 if args.cfg is None else args.cfg
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
@@ -61,7 +63,8 @@ def diagnose(args):
             gt_idx, x_in = sar.gt_tokens_and_inputs(vae, images, scales)
             logits = model(labels, x_in, scales)
             draw = sar.SFDraw(args.sf_input, args.sf_top_k, args.sf_top_p, args.sf_cfg)
-            drawn = sar.ssr_draw(model, logits, x_in, labels, scales, range(K), draw, gen)
+            drawn = sar.ssr_draw(model, logits, x_in, labels, model.num_classes, scales, range(K), draw,
+                                 gen)
             own, _ = sar.generate_tokens(model, vae, labels, scales, cfg, args.top_k, args.top_p, gen,
                                          args.cfg_form)
             stats = dict(teacher=per_scale_stats(logits, torch.cat(gt_idx, dim=1), scales),  # = with gt
