@@ -484,7 +484,7 @@ def train(args, make_loss):
     if len(data) < args.batch_size:
         raise UserError(f"{args.data}: {len(data)} training images, fewer than a batch")
     torch.manual_seed(args.seed)
-    raw = cpu_speed.apply(build_model(args, vae, data.num_classes).to(device))  # + CPU speed
+    raw = cpu_speed.apply(build_model(args, vae, data.num_classes).to(device))  # cpu_speed.py
     loss_fn = make_loss(args, vae, raw.num_classes)
     opt = make_optimizer(raw, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 11, growth_interval=1000,
@@ -528,8 +528,7 @@ def train(args, make_loss):
             for g in opt.param_groups:
                 g['lr'] = lr
             # every random draw of the step (SF sampling, class dropout, drop-path, the scale list)
-            # derives from (seed, step, rank), as the data do: the step is the whole RNG state, so
-            # resuming is exact
+            # derives from (seed, step, rank) as the data do: the step is the RNG state, resume exact
             gen = torch.Generator(device=device).manual_seed(step_seed(args.seed, step, rank))
             torch.manual_seed(step_seed(args.seed, step, rank))
             scales = random_scales(args.scales, random.Random(step_seed(args.seed, step))) \
@@ -673,8 +672,9 @@ def run_sampling(args):
         if rank == 0:
             save_samples(args, arr, labels, classes, out)
             if args.trajectory:  # Fig. 7: the first 8 samples (rows) after each scale (columns)
-                _, steps = sample(model, vae, labels[:8].to(device), scales, cfg, args.top_k,
-                                  args.top_p, gens(0, min(8, n)), args.cfg_form, trajectory=True)
+                with autocast_ctx(device, args.dtype):       # as above, so they are the same 8
+                    _, steps = sample(model, vae, labels[:8].to(device), scales, cfg, args.top_k,
+                                      args.top_p, gens(0, min(8, n)), args.cfg_form, trajectory=True)
                 up = [F.interpolate(s.float(), size=(side, side), mode='nearest') for s in steps]
                 traj = torch.stack(up, 1).flatten(0, 1)
                 save_image_grid(traj, os.path.join(out, 'trajectory.png'), nrow=len(scales))
