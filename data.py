@@ -1,7 +1,7 @@
 """
 The image data of the three scripts: the readers of real data and the procedural `toy` set.
 
-    load_dataset(spec, image_size, split, flip, seed, crop)
+    load_dataset(spec, image_size, split, flip, seed, crop)      (flip None: on for colour photos only)
         spec: 'toy' | an .npz (images, labels) | an MNIST-style IDX folder | an ImageFolder (DIR/<class>/*.png,
         optionally DIR/train + DIR/val)
 
@@ -489,13 +489,31 @@ class ToyDataset(ImageDataset):
         return x, j % 10
 
 
+def colour_photos(ds, n=64):
+    """True when ds holds colour images (the first n images differ between R, G and B by more than a grey
+    JPEG's noise): photos, whose mirror image is as likely as the image itself. False for grey sets (digits,
+    letters: a mirrored 2 is no digit) and for the toy set (its 'diagonal' class mirrors into another one)."""
+    if isinstance(ds, ToyDataset) or len(ds) == 0:
+        return False
+    x = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])  # (n, 3, S, S) in [-1, 1]
+    return bool(((x[:, 0] - x[:, 1]).abs() + (x[:, 1] - x[:, 2]).abs()).mean() > 0.04)
+
+
 def load_dataset(spec, image_size, split='train', flip=False, seed=0, crop='center'):
     """spec: 'toy' | path to .npz | MNIST IDX folder | ImageFolder dir -> Dataset of ((3, S, S) in [-1, 1],
     label), indexable as ds[i] or ds[(i, seed)] (see ImageDataset), with .num_classes, .labels and
-    .class_names. seed: the toy set's content seed. crop: 'center', or 'random' = the official training crop
-    (random_crop) for ImageFolder data, whose val split always uses the centre crop; in-memory sets (npz,
-    MNIST, toy) come at one size and always use the centre crop. Raises UserError when the data are missing,
-    empty or bad."""
+    .class_names. flip: random horizontal flips; None = on for colour photos (colour_photos), off otherwise;
+    the choice is ds.flip. seed: the toy set's content seed. crop: 'center', or 'random' = the official
+    training crop (random_crop) for ImageFolder data, whose val split always uses the centre crop; in-memory
+    sets (npz, MNIST, toy) come at one size and always use the centre crop. Raises UserError when the data
+    are missing, empty or bad."""
+    ds = read_dataset(spec, image_size, split, bool(flip), seed, crop)
+    if flip is None:
+        ds.flip = colour_photos(ds)
+    return ds
+
+
+def read_dataset(spec, image_size, split, flip, seed, crop):
     if split not in ('train', 'val', 'all'):
         raise UserError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
     if crop not in CROPS:
@@ -515,3 +533,12 @@ def load_dataset(spec, image_size, split='train', flip=False, seed=0, crop='cent
     if pairs:
         return load_mnist(path, pairs, image_size, split, flip)
     return load_image_folder(path, image_size, split, flip, 'center' if split == 'val' else crop)
+
+
+if __name__ == '__main__':  # python data.py SPEC: 'photos' or 'other', the kind train.sh picks its recipe by
+    if len(sys.argv) != 2:
+        sys.exit("usage: python data.py SPEC   (prints 'photos' for colour photos, else 'other')")
+    try:
+        print('photos' if colour_photos(load_dataset(sys.argv[1], 32, 'train')) else 'other')
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -502,7 +502,7 @@ def train(args, make_loss):
     model = DDP(raw, [device] if device.type == 'cuda' else None) if world > 1 else raw  # grads all-reduced
     n = sum(p.numel() for p in raw.parameters()) / 1e6
     print(f"{args.mode}: {n:.2f}M params, {len(data)} images, batch {args.batch_size} = {world} x "
-          f"{micro} x {args.grad_accum}, {device}, step {step}") if master else None
+          f"{micro} x {args.grad_accum}, flips {'on' if data.flip else 'off'}, {device}, step {step}") if master else None
 
     def save(at_step):
         if master:
@@ -748,7 +748,9 @@ def get_parser():
     a('--grad-clip', type=float, default=2.0, help="gradient-norm clipping")
     a('--cond-drop', type=float, default=0.1, help="class dropout (trains the model CFG uses)")
     a('--drop-path', type=float, help="max stochastic-depth rate (default 0.1*depth/24)")
-    a('--flip', action=argparse.BooleanOptionalAction, help="random h-flips (official; off < d12)")
+    a('--flip', action=argparse.BooleanOptionalAction,
+      help="random h-flips (default: on at depth >= 12 (official) and for colour photos, off for grey data "
+           "and toy)")
     a('--dtype', choices=['auto', 'bf16', 'fp16', 'fp32'], default='auto', help="bf16 if native, else fp32")
     a('--compile', action='store_true', help="torch.compile the model")
     a('--out-dir', default='', help="output folder (default out/<mode>; sampling: the ckpt's)")
@@ -798,7 +800,7 @@ def resolve_args(args):
                                                                 else LAPTOP_SCALES)))
     args.image_size = args.image_size or (512 if official else 32)
     args.crop = args.crop or ('random' if official else 'center')
-    args.flip = official if args.flip is None else args.flip  # a mirrored 2, 5 or 7 is no digit
+    args.flip = True if official and args.flip is None else args.flip  # None: data.colour_photos decides
     args.vae = args.vae or (None if args.sample else os.path.join('out', 'tokenizer.pt'))
     args.out_dir = args.out_dir or ('' if args.sample else os.path.join('out', args.mode))
     peak, end, args.lr_hold = official_lr(args.depth, args.mode, args.batch_size) if official else \

@@ -1436,6 +1436,28 @@ def test_npz_reader_nhw_and_nhwc(tmp_path):
         data.load_dataset(str(tmp_path / 'two.npz'), 8)
 
 
+def test_flips_default_on_for_colour_photos_only(tmp_path):
+    """flip=None (the scripts' default below depth 12) turns random flips on for colour images and leaves them
+    off for the same images in grey (stored as RGB, with JPEG-like noise) and for the toy set; an explicit
+    flip wins. `python data.py SPEC` names the kind that train.sh picks its recipe by."""
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    grey = colour.mean(-1, keepdims=True) + rng.integers(-2, 3, (40, 16, 16, 3))
+    grey = np.clip(grey, 0, 255).astype(np.uint8)
+    for name, imgs, photos in (('c', colour, True), ('g', grey, False)):
+        path = str(tmp_path / f'{name}.npz')
+        np.savez(path, images=imgs, labels=np.arange(40) % 4)
+        ds = data.load_dataset(path, 16, 'train', flip=None)
+        assert ds.flip is photos and data.load_dataset(path, 16, 'train', flip=False).flip is False
+        x = ds[3][0]
+        seen = {ds[(3, s)][0].numpy().tobytes() for s in range(16)}
+        assert seen == ({x.numpy().tobytes(), x.flip(-1).numpy().tobytes()} if photos else {x.numpy().tobytes()})
+        r = subprocess.run([sys.executable, 'data.py', path], cwd=HERE, capture_output=True, text=True)
+        assert r.stdout.strip() == ('photos' if photos else 'other'), r.stderr
+    assert data.load_dataset('toy', 16, 'train', flip=None).flip is False
+    assert opts('--depth', '4').flip is None and opts('--depth', '16').flip is True
+
+
 def test_idx_folder_with_more_than_ten_classes(tmp_path):
     """An IDX folder (EMNIST-style: 28 px, 12 classes here) gets one class per label id, not MNIST's 10, and is
     padded to 32 px like MNIST; labels that skip an id are refused in one line."""

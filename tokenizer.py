@@ -544,7 +544,8 @@ def get_parser():
     a('--crop', choices=CROPS, default='center', help="training crop of ImageFolder data: 'center' (resize "
       "the short side, centre crop) or 'random' (the official one: short side resized to a random size in "
       "[S, S/0.88], random S x S window); held-out images always use the centre crop")
-    a('--flip', action='store_true', help='random horizontal flips for training images')
+    a('--flip', action=argparse.BooleanOptionalAction,
+      help='random horizontal flips of training images (on for colour photos, off for grey data and toy)')
     a('--out', default='out/tokenizer.pt', help='checkpoint path (written atomically; sar.py reads it by '
       'default)')
     a('--steps', type=int, default=1200, help='number of optimisation steps')

@@ -18,7 +18,9 @@
 #   DEPTH    transformer depth (4 on the laptop; official 16/20/24)
 #   NPROC    processes per node for torchrun (default 1)
 #   OUT      output folder (default out, or out/smoke with SMOKE=1)
-#   TF_STEPS, SAR_STEPS, BATCH, IMAGE_SIZE, CROP, SCALES, CFG, NUM_SAMPLES (per class), FID_REF, FID_WEIGHTS
+#   SEED     seed of the tokenizer, training and sampling (default 0)
+#   TF_STEPS, SAR_STEPS, BATCH, IMAGE_SIZE, CROP, SCALES, CFG, NUM_SAMPLES (per class), FID_REF, FID_WEIGHTS,
+#   SAMPLE_SCALES, TOP_K (sampling; default: the checkpoint's scales, top-k 900)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -43,18 +45,30 @@ DATA=${DATA:-toy}
 NPROC=${NPROC:-1}
 if [ -n "${INIT:-}" ] && [ -z "${DEPTH:-}" ]; then echo "error: INIT given: set DEPTH to its depth (16/20/24)" >&2; exit 2; fi
 DEPTH=${DEPTH:-$([ "$SMOKE" = 1 ] && echo 2 || echo 4)}
+SEED=${SEED:-0}
+KIND=other  # colour photos get a recipe of their own below the official sizes (python data.py tells the kind)
+if [ "$DEPTH" -lt 12 ] && [ "$SMOKE" != 1 ]; then KIND=$($PY data.py "$DATA"); fi
 if [ "$DEPTH" -ge 12 ]; then            # the official sizes and recipe: ImageNet, 1000 classes, 512 px random
   # crops (the official final_reso: a 32x32 latent that every scale is pooled from; the paper's 256 px centre
   # crop is IMAGE_SIZE=256 CROP=center)
   IMAGE_SIZE=${IMAGE_SIZE:-512}; SCALES=${SCALES:-1,2,3,4,5,6,8,10,13,16}; BATCH=${BATCH:-768}
   TF_STEPS=${TF_STEPS:-300000}; SAR_STEPS=${SAR_STEPS:-18359}      # 11 epochs x 1669 it (the official SAR run)
   NUM_SAMPLES=${NUM_SAMPLES:-50}; CFG=${CFG:-}; EXTRA_EVAL=""
+elif [ "$KIND" = photos ]; then  # colour photos (CIFAR-like 32 px sets): an 8x8 latent smears their detail,
+  # so the tokenizer keeps a 16x16 one (one token per 2x2 pixels, --ch-mult 1,2); the longer token maps cost
+  # teacher forcing about 2x per step, so it takes fewer steps; flips are on (colour data: data.colour_photos)
+  IMAGE_SIZE=${IMAGE_SIZE:-32}; SCALES=${SCALES:-1,2,4,8,16}; BATCH=${BATCH:-32}
+  TF_STEPS=${TF_STEPS:-700}; SAR_STEPS=${SAR_STEPS:-100}; NUM_SAMPLES=${NUM_SAMPLES:-100}; CFG=${CFG:-12}
+  # sampling: more scales than training's list (any list works), strong guidance (the VAR ramp keeps the
+  # coarse scales nearly unguided) and top-k 100; measured on CIFAR-10, docs/photos.md
+  SAMPLE_SCALES=${SAMPLE_SCALES:-1,2,3,4,6,8,11,16}; TOP_K=${TOP_K:-100}
+  TOK_FLAGS="--ch-mult 1,2"; CLF_FLAGS=""
 elif [ "$SMOKE" = 1 ]; then
   IMAGE_SIZE=${IMAGE_SIZE:-32}; SCALES=${SCALES:-1,2,3,4,5,6,8}; BATCH=${BATCH:-8}
   TF_STEPS=${TF_STEPS:-8}; SAR_STEPS=${SAR_STEPS:-4}; NUM_SAMPLES=${NUM_SAMPLES:-4}; CFG=${CFG:-1.5}
   TOK_FLAGS="--steps 10 --batch-size 8 --ch 16 --eval-images 20"; CLF_FLAGS="--steps 20"
 else      # the laptop recipe, for toy and for small real sets (MNIST-like 28 px digits, letters, ...):
-  # 1200 TF steps of 32 (4.8 epochs of 8,000 images), no flips (sar.py's default below depth 12), bf16 on
+  # 1200 TF steps of 32 (4.8 epochs of 8,000 images), no flips (grey and toy data: sar.py's default), bf16 on
   # CPUs that compute it natively; SAR continues at the LR where TF ended
   IMAGE_SIZE=${IMAGE_SIZE:-32}; SCALES=${SCALES:-1,2,3,4,5,6,8}; BATCH=${BATCH:-32}
   TF_STEPS=${TF_STEPS:-1200}; SAR_STEPS=${SAR_STEPS:-100}; NUM_SAMPLES=${NUM_SAMPLES:-100}; CFG=${CFG:-1.5}
@@ -64,7 +78,7 @@ OUT=${OUT:-$([ "$SMOKE" = 1 ] && echo out/smoke || echo out)}
 mkdir -p "$OUT"
 RUN="$PY"
 [ "$NPROC" -gt 1 ] && RUN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
-COMMON="--data $DATA --depth $DEPTH --image-size $IMAGE_SIZE --scales $SCALES --batch-size $BATCH --quiet ${CROP:+--crop $CROP}"
+COMMON="--data $DATA --seed $SEED --depth $DEPTH --image-size $IMAGE_SIZE --scales $SCALES --batch-size $BATCH --quiet ${CROP:+--crop $CROP}"
 start=$(date +%s); stage_start=$start; stage=""; split=""
 # stamp NAME MESSAGE: a stage begins; the seconds of the one before go into the split printed at the end
 stamp() {
@@ -78,7 +92,7 @@ if [ -z "${VAE:-}" ]; then
   VAE=$OUT/tokenizer.pt
   if [ ! -f "$VAE" ]; then
     stamp tokenizer "training the tokenizer on $DATA -> $VAE"
-    $PY tokenizer.py --data "$DATA" --image-size "$IMAGE_SIZE" --scales "$SCALES" --out "$VAE" ${TOK_FLAGS:-}
+    $PY tokenizer.py --data "$DATA" --image-size "$IMAGE_SIZE" --scales "$SCALES" --out "$VAE" --seed "$SEED" ${TOK_FLAGS:-}
   fi
 fi
 
@@ -97,7 +111,8 @@ $RUN sar.py --mode sar $COMMON --vae "$VAE" --init "$INIT" --steps "$SAR_STEPS" 
 for name in tf sar; do
   ck=$([ "$name" = tf ] && echo "$INIT" || echo "$OUT/sar/ckpt.pt")
   stamp "sampling_$name" "sampling $NUM_SAMPLES images per class from $ck"
-  $RUN sar.py --sample --ckpt "$ck" --vae "$VAE" --num-samples "$NUM_SAMPLES" ${CFG:+--cfg $CFG} --seed 0 \
+  $RUN sar.py --sample --ckpt "$ck" --vae "$VAE" --num-samples "$NUM_SAMPLES" ${CFG:+--cfg $CFG} --seed "$SEED" \
+    ${SAMPLE_SCALES:+--scales $SAMPLE_SCALES} ${TOP_K:+--top-k $TOP_K} \
     --save-npz "$OUT/samples_$name.npz" --out-dir "$OUT/samples_$name" --trajectory --quiet
 done
 
