@@ -501,8 +501,10 @@ def train(args, make_loss):
         block.compile(dynamic=True)    # and the student pass has its own (docs/design.md)
     model = DDP(raw, [device] if device.type == 'cuda' else None) if world > 1 else raw  # grads all-reduced
     n = sum(p.numel() for p in raw.parameters()) / 1e6
-    print(f"{args.mode}: {n:.2f}M params, {len(data)} images, batch {args.batch_size} = {world} x "
-          f"{micro} x {args.grad_accum}, flips {'on' if data.flip else 'off'}, {device}, step {step}") if master else None
+    if master:
+        flips = 'on' if data.flip else 'off'
+        print(f"{args.mode}: {n:.2f}M params, {len(data)} images, flips {flips}, batch "
+              f"{args.batch_size} = {world} x {micro} x {args.grad_accum}, {device}, step {step}")
 
     def save(at_step):
         if master:
@@ -749,8 +751,8 @@ def get_parser():
     a('--cond-drop', type=float, default=0.1, help="class dropout (trains the model CFG uses)")
     a('--drop-path', type=float, help="max stochastic-depth rate (default 0.1*depth/24)")
     a('--flip', action=argparse.BooleanOptionalAction,
-      help="random h-flips (default: on at depth >= 12 (official) and for colour photos, off for grey data "
-           "and toy)")
+      help="random h-flips (default: on at depth >= 12 (official) and for colour photos, off for "
+           "grey data and toy)")
     a('--dtype', choices=['auto', 'bf16', 'fp16', 'fp32'], default='auto', help="bf16 if native, else fp32")
     a('--compile', action='store_true', help="torch.compile the model")
     a('--out-dir', default='', help="output folder (default out/<mode>; sampling: the ckpt's)")
@@ -800,7 +802,7 @@ def resolve_args(args):
                                                                 else LAPTOP_SCALES)))
     args.image_size = args.image_size or (512 if official else 32)
     args.crop = args.crop or ('random' if official else 'center')
-    args.flip = True if official and args.flip is None else args.flip  # None: data.colour_photos decides
+    args.flip = True if official and args.flip is None else args.flip  # None: by data.colour_photos
     args.vae = args.vae or (None if args.sample else os.path.join('out', 'tokenizer.pt'))
     args.out_dir = args.out_dir or ('' if args.sample else os.path.join('out', args.mode))
     peak, end, args.lr_hold = official_lr(args.depth, args.mode, args.batch_size) if official else \

@@ -1451,7 +1451,8 @@ def test_flips_default_on_for_colour_photos_only(tmp_path):
         assert ds.flip is photos and data.load_dataset(path, 16, 'train', flip=False).flip is False
         x = ds[3][0]
         seen = {ds[(3, s)][0].numpy().tobytes() for s in range(16)}
-        assert seen == ({x.numpy().tobytes(), x.flip(-1).numpy().tobytes()} if photos else {x.numpy().tobytes()})
+        mirrors = {x.numpy().tobytes(), x.flip(-1).numpy().tobytes()}
+        assert seen == (mirrors if photos else {x.numpy().tobytes()})
         r = subprocess.run([sys.executable, 'data.py', path], cwd=HERE, capture_output=True, text=True)
         assert r.stdout.strip() == ('photos' if photos else 'other'), r.stderr
     assert data.load_dataset('toy', 16, 'train', flip=None).flip is False
