@@ -501,10 +501,8 @@ def train(args, make_loss):
         block.compile(dynamic=True)    # and the student pass has its own (docs/design.md)
     model = DDP(raw, [device] if device.type == 'cuda' else None) if world > 1 else raw  # grads all-reduced
     n = sum(p.numel() for p in raw.parameters()) / 1e6
-    if master:
-        flips = 'on' if data.flip else 'off'
-        print(f"{args.mode}: {n:.2f}M params, {len(data)} images, flips {flips}, batch "
-              f"{args.batch_size} = {world} x {micro} x {args.grad_accum}, {device}, step {step}")
+    print(f"{args.mode}: {n:.2f}M params, {len(data)} images, flips {data.flip}, batch "
+          f"{args.batch_size} = {world} x {micro} x {args.grad_accum}, {device}, step {step}") if master else None
 
     def save(at_step):
         if master:
@@ -750,9 +748,7 @@ def get_parser():
     a('--grad-clip', type=float, default=2.0, help="gradient-norm clipping")
     a('--cond-drop', type=float, default=0.1, help="class dropout (trains the model CFG uses)")
     a('--drop-path', type=float, help="max stochastic-depth rate (default 0.1*depth/24)")
-    a('--flip', action=argparse.BooleanOptionalAction,
-      help="random h-flips (default: on at depth >= 12 (official) and for colour photos, off for "
-           "grey data and toy)")
+    a('--flip', action=argparse.BooleanOptionalAction, help="random h-flips (on at d>=12 and for colour)")
     a('--dtype', choices=['auto', 'bf16', 'fp16', 'fp32'], default='auto', help="bf16 if native, else fp32")
     a('--compile', action='store_true', help="torch.compile the model")
     a('--out-dir', default='', help="output folder (default out/<mode>; sampling: the ckpt's)")
