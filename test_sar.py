@@ -880,8 +880,11 @@ def test_ctrl_c_saves_the_finished_steps_and_resume_continues(tiny_vae_path, tmp
     out = tmp_path / 'int'
     cmd = [sys.executable, 'sar.py', *train_args(tiny_vae_path, str(out), '--steps', '100000', '--ckpt-every',
                                                  '100000', '--log-every', '1')]
+    # SIGINT back to its default in the child: a suite launched in the background (`cmd &`) starts with SIGINT
+    # ignored, and a child inherits that, so the Ctrl-C below would never arrive
     p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+                         env=dict(os.environ, OMP_NUM_THREADS='1'),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:                       # wait until a few steps are done, then Ctrl-C
         if line.startswith('{') and json.loads(line)['step'] >= 3:
             break
@@ -1783,6 +1786,19 @@ def test_bad_flags_fail_before_any_work(tmp_path, capsys, monkeypatch, flag, val
     assert os.listdir(tmp_path) == []
 
 
+def test_tokenizer_device_auto_takes_the_gpu_when_there_is_one(monkeypatch):
+    # train.sh passes no --device: the tokenizer, like sar.py, must then use a GPU that is there
+    args = T.get_parser().parse_args([])
+    assert args.device == 'auto'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    T.check_args(args)
+    assert args.device == 'cpu'
+    args = T.get_parser().parse_args([])
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    T.check_args(args)
+    assert args.device == 'cuda'
+
+
 def test_training_split_smaller_than_a_batch_is_refused(tmp_path, capsys):
     # used to hang: with full batches only, an epoch of 5 images at batch 8 holds no batch, forever
     np.savez(tmp_path / 's.npz', images=np.zeros((6, 16, 16, 3), np.uint8), labels=np.arange(6) % 2)
@@ -2061,3 +2077,34 @@ def test_official_timing_prints_the_keys_of_bench(tmp_path, capsys, mode):
     key = 'ms_per_step' if 'tf' in mode else 's_per_batch'
     assert ratio.main([str(tmp_path / 'official'), str(tmp_path / 'ours')])[key] == \
         pytest.approx(ours[key] / theirs[key], rel=1e-2, abs=1e-3)
+
+
+def test_gpu_bench_bad_official_fails_in_one_line_and_writes_nothing(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(HERE, 'experiments', 'gpu_bench.py'), '--official',
+                        str(tmp_path / 'nowhere'), '--tiny', '--no-laptop', '--json', str(tmp_path / 'g.json')],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith('error: ') and p.stderr.count('\n') == 1, p.stderr
+    assert '--official' in p.stderr and os.listdir(tmp_path) == []
+
+
+def test_gpu_bench_dry_run_writes_the_medians_and_ratios_of_both_sides(tmp_path):
+    if not os.path.isfile(os.path.join(OFFICIAL, 'trainer.py')):
+        pytest.skip(f"no clone of the official SAR code at {OFFICIAL}")
+    out = tmp_path / 'gpu.json'
+    p = subprocess.run([sys.executable, os.path.join(HERE, 'experiments', 'gpu_bench.py'), '--official', OFFICIAL,
+                        '--tiny', '--no-laptop', '--rounds', '1', '--json', str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    for row, key in (('tf', 'ms_per_step'), ('sar_argmax', 'ms_per_step'), ('sar_cfg', 'ms_per_step'),
+                     ('sampling', 'images_per_s')):
+        runs = res['runs'][row]
+        assert [r['side'] for r in runs['official'] + runs['ours']] == ['official', 'ours']
+        assert {k: runs['official'][0][k] for k in ('depth', 'batch', 'scales', 'dtype')} == \
+            {k: runs['ours'][0][k] for k in ('depth', 'batch', 'scales', 'dtype')}       # the same configuration
+        med = res['medians'][row]
+        assert (med['official'], med['ours']) == (runs['official'][0][key], runs['ours'][0][key])
+        name = 'sampling_speedup' if row == 'sampling' else f'{row}_ratio'
+        assert res[name] == pytest.approx(med['ours'] / med['official'], abs=1e-3)
+    assert res['card'] == 'cpu' and res['mfu_tf'] is None and res['laptop_pipeline_s'] is None
+    assert res['commit'] and res['torch'] == torch.__version__

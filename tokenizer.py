@@ -505,7 +505,8 @@ def train(args):
                     restart_dead_codes(model, opt, last_used, step, h, patience=50)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(rec.detach(), x):.2f}")
+            if step % 10 == 0 or step == args.steps:  # .item() waits for a GPU: not at every step
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(rec.detach(), x):.2f}")
             if step % args.ckpt_every == 0 or step == args.steps:
                 save()
     if step >= args.steps and not os.path.exists(args.out):
@@ -577,7 +578,7 @@ def get_parser():
     a('--trust-checkpoint', action='store_true', help='allow full unpickling of checkpoints (only for files '
       'you trust)')
     a('--seed', type=int, default=0, help='random seed (model init, data order, toy data)')
-    a('--device', default='cpu', help="torch device, e.g. 'cpu' or 'cuda'")
+    a('--device', default='auto', help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
     a('--workers', type=int, default=-1, help='DataLoader worker processes (-1: 0 for in-memory data, else '
       'up to 4)')
     a('--threads', type=int, default=0, help='torch CPU threads (0: $OMP_NUM_THREADS if set, else the cores '
@@ -598,6 +599,8 @@ def check_args(args):
         if not math.isfinite(v) or v < 0 or (positive and v == 0):
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number "
                             f"{'> 0' if positive else '>= 0'}, got {v}")
+    if args.device == 'auto':   # as sar.py: the GPU when there is one (train.sh passes no --device)
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         device = torch.device(args.device)
     except RuntimeError:

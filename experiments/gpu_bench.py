@@ -1,0 +1,138 @@
+"""
+The GPU comparison of docs/benchmarks.md in one run: the official code and ours side by side (A B A B) on the
+d16 training steps and the sampler, then the laptop pipeline; writes the medians to assets/bench/gpu.json.
+
+    python experiments/gpu_bench.py --official /path/to/SAR                 # on a CUDA machine, ~10 min
+    python experiments/gpu_bench.py --official /path/to/SAR --tiny --no-laptop --json /tmp/gpu.json   # dry run
+
+/path/to/SAR is a clone of the official code (GengzeZhou/SAR). Each round runs, for every row, the official
+side (experiments/official_timing.py) and then ours (experiments/bench.py) with the same flags, each in a
+fresh process, so neither inherits the other's allocator or compiled kernels:
+
+    tf            --mode tf                          ms_per_step
+    sar_argmax    --mode sar --sf-input argmax       ms_per_step
+    sar_cfg       --mode sar --sf-input cfg          ms_per_step (the official recipe)
+    sampling      --sampling (cfg 2.2, decode incl.)  images_per_s
+
+Configuration: d16, batch 32, 256 px, scales 1,2,3,4,5,6,8,10,13,16, bf16 autocast, random weights, 6 steps of
+which the first is warm-up (each side reports the median of the others). Then `bash train.sh` end to end into a
+temporary folder, timed. The JSON holds every run's numbers, the median of both sides per row, the ratios
+(`tf_ratio`, `sar_argmax_ratio`, `sar_cfg_ratio`: ours / official time; `sampling_speedup`: ours / official
+images/s), `mfu_tf` (a fraction, bench.py's FLOP count), `laptop_pipeline_s`, the card, torch, commit and date.
+--tiny is a seconds-long dry run of the same script (depth 1, 32 px) for a machine without a GPU.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from common import UserError, atomic_write, check_writable, error_line  # noqa: E402
+
+ROWS = {'tf': ['--mode', 'tf'], 'sar_argmax': ['--mode', 'sar', '--sf-input', 'argmax'],
+        'sar_cfg': ['--mode', 'sar', '--sf-input', 'cfg'], 'sampling': ['--sampling']}
+FULL = ['--depth', '16', '--batch-size', '32', '--image-size', '256', '--scales', '1,2,3,4,5,6,8,10,13,16',
+        '--dtype', 'bf16', '--bench-steps', '6', '--device', 'cuda']
+TINY = ['--depth', '1', '--batch-size', '2', '--image-size', '32', '--scales', '1,2', '--dtype', 'fp32',
+        '--bench-steps', '2', '--device', 'cpu']
+
+
+def run_side(side, flags, official):
+    """One process of one side; returns its JSON line (the last line of its output) as a dict."""
+    script = 'official_timing.py' if side == 'official' else 'bench.py'
+    cmd = [sys.executable, os.path.join(HERE, script)] + (['--official', official] if side == 'official' else [])
+    p = subprocess.run(cmd + flags, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ['no output'])[-1]
+        raise UserError(f"{script} {' '.join(flags)} failed (exit {p.returncode}): {last}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def key_of(row):
+    return 'images_per_s' if row == 'sampling' else 'ms_per_step'
+
+
+def compare(official, base, rounds, log):
+    """{row: {'official': [runs], 'ours': [runs]}}, in the order official, ours, official, ours, ..."""
+    runs = {row: {'official': [], 'ours': []} for row in ROWS}
+    for r in range(rounds):
+        for row, flags in ROWS.items():
+            for side in ('official', 'ours'):
+                res = run_side(side, base + flags, official)
+                runs[row][side].append(res)
+                log(f"round {r + 1} {row:10s} {side:8s} {key_of(row)} {res[key_of(row)]}")
+    return runs
+
+
+def laptop_pipeline(log):
+    """`bash train.sh` end to end in a temporary folder: (seconds, its printed stage split line)."""
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.time()
+        p = subprocess.run(['bash', os.path.join(ROOT, 'train.sh')], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, OUT=out))
+        s = round(time.time() - t0, 1)
+    if p.returncode != 0:
+        raise UserError(f"train.sh failed (exit {p.returncode}): {(p.stderr.strip().splitlines() or [''])[-1]}")
+    split = [ln for ln in p.stdout.splitlines() if ln.startswith('time per stage')]
+    log(f"laptop pipeline {s} s; {split[-1] if split else ''}")
+    return s, (split[-1] if split else None), p.stdout[p.stdout.rfind('| checkpoint'):].strip()
+
+
+def summary(runs):
+    """Medians per row and side, and the keys the benchmark page quotes."""
+    med = {row: {side: statistics.median(r[key_of(row)] for r in rs) for side, rs in sides.items()}
+           for row, sides in runs.items()}
+    out = {'medians': med}
+    for row in ('tf', 'sar_argmax', 'sar_cfg'):
+        out[f'{row}_ratio'] = round(med[row]['ours'] / med[row]['official'], 3)
+    out['sampling_speedup'] = round(med['sampling']['ours'] / med['sampling']['official'], 3)
+    mfu = [r['mfu'] for r in runs['tf']['ours'] if 'mfu' in r]          # bench.py reports MFU on CUDA only
+    out['mfu_tf'] = statistics.median(mfu) if mfu else None
+    return out
+
+
+def machine():
+    import torch
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or None
+    return dict(card=card, torch=torch.__version__, commit=commit,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1])
+    p.add_argument('--official', required=True, help="a clone of the official code (GengzeZhou/SAR)")
+    p.add_argument('--rounds', type=int, default=2, help="rounds of A B (official, ours) per row")
+    p.add_argument('--tiny', action='store_true', help="a dry run at depth 1, 32 px, on the CPU")
+    p.add_argument('--no-laptop', action='store_true', help="skip the timed `bash train.sh`")
+    p.add_argument('--json', default=os.path.join(ROOT, 'assets', 'bench', 'gpu.json'), help="where to write")
+    args = p.parse_args(argv)
+    try:
+        if args.rounds < 1:
+            raise UserError(f"--rounds must be >= 1, got {args.rounds}")
+        check_writable(args.json, '--json')      # before ten minutes of timing, not after
+        log = lambda msg: print(msg, flush=True)  # noqa: E731
+        res = dict(machine(), config=TINY if args.tiny else FULL, rounds=args.rounds)
+        runs = compare(args.official, TINY if args.tiny else FULL, args.rounds, log)
+        res.update(summary(runs))
+        res['laptop_pipeline_s'], res['laptop_split'], res['laptop_table'] = \
+            (None, None, None) if args.no_laptop else laptop_pipeline(log)
+        res['runs'] = runs
+        atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=1).encode()))
+        log(json.dumps({k: v for k, v in res.items() if k not in ('runs', 'laptop_table')}))
+        return res
+    except UserError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
