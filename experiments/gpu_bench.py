@@ -103,6 +103,9 @@ def machine():
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or None
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    commit = f"{commit}-dirty" if commit and dirty else commit     # numbers of uncommitted code say so
     return dict(card=card, torch=torch.__version__, commit=commit,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))
 
