@@ -2108,3 +2108,5 @@ def test_gpu_bench_dry_run_writes_the_medians_and_ratios_of_both_sides(tmp_path)
         assert res[name] == pytest.approx(med['ours'] / med['official'], abs=1e-3)
     assert res['card'] == 'cpu' and res['mfu_tf'] is None and res['laptop_pipeline_s'] is None
     assert res['commit'] and res['torch'] == torch.__version__
+    assert 'aten::' in (tmp_path / 'gpu_profile_tf.txt').read_text()              # the profile of our TF step
+    assert sorted(os.listdir(tmp_path)) == ['gpu.json', 'gpu_profile_tf.txt']     # no temporary file left

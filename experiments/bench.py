@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sar  # noqa: E402
 import cpu_speed  # noqa: E402
-from common import UserError  # noqa: E402
+from common import UserError, atomic_write  # noqa: E402
 from tokenizer import VQVAE, frozen_on  # noqa: E402
 
 
@@ -72,6 +72,20 @@ def setup(args, drop_path_rate=None):
     return device, vae, cpu_speed.apply(model)              # threads, memory, kernels: as sar.py does
 
 
+def write_profile(fn, sync, device, path):
+    """One more call of fn under torch.profiler; its 40 costliest ops and kernels (self time on the device
+    for CUDA, on the CPU otherwise) as a text table to path: where the time of a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    atomic_write(path, lambda f: f.write(table.encode()))
+    print(f"profile of one step -> {path}", flush=True)
+
+
 def bench(args):
     device, vae, model = setup(args)
     model.train()
@@ -99,6 +113,8 @@ def bench(args):
     for i in range(args.bench_steps):
         times.append(timed(lambda: step(i), sync, 1))
         print(f"step {i}: {times[-1]:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
+    if args.profile:
+        write_profile(lambda: step(args.bench_steps), sync, device, args.profile)
     med = statistics.median(times[1:] or times)
     res = dict(side='ours', depth=args.depth, params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                batch=B, mode=args.mode, sf_input=args.sf_input if args.mode == 'sar' else None, scales=scales,
@@ -169,6 +185,7 @@ def get_parser(description):
     p.add_argument('--bench-steps', type=int, default=6, help="timed steps (the first is warm-up, excluded)")
     p.add_argument('--peak-tflops', type=float, default=989.0, help="peak for MFU (H100 bf16 dense: 989)")
     p.add_argument('--sampling', action='store_true', help="time sampling (VAE decode included) instead")
+    p.add_argument('--profile', metavar='FILE', help="then profile one more training step into FILE (a table)")
     return p
 
 

@@ -18,7 +18,8 @@ Configuration: d16, batch 32, 256 px, scales 1,2,3,4,5,6,8,10,13,16, bf16 autoca
 which the first is warm-up (each side reports the median of the others). Then `bash train.sh` end to end into a
 temporary folder, timed. The JSON holds every run's numbers, the median of both sides per row, the ratios
 (`tf_ratio`, `sar_argmax_ratio`, `sar_cfg_ratio`: ours / official time; `sampling_speedup`: ours / official
-images/s), `mfu_tf` (a fraction, bench.py's FLOP count), `laptop_pipeline_s`, the card, torch, commit and date.
+images/s), `mfu_tf` (a fraction, bench.py's FLOP count), `laptop_pipeline_s`, the card, torch, commit and date;
+next to it, gpu_profile_tf.txt: torch.profiler's table of one of our TF steps (where the time goes).
 --tiny is a seconds-long dry run of the same script (depth 1, 32 px) for a machine without a GPU.
 """
 import argparse
@@ -59,13 +60,15 @@ def key_of(row):
     return 'images_per_s' if row == 'sampling' else 'ms_per_step'
 
 
-def compare(official, base, rounds, log):
-    """{row: {'official': [runs], 'ours': [runs]}}, in the order official, ours, official, ours, ..."""
+def compare(official, base, rounds, profile, log):
+    """{row: {'official': [runs], 'ours': [runs]}}, in the order official, ours, official, ours, ...
+    Our first TF run also profiles one more step (after its timed ones) into the file `profile`."""
     runs = {row: {'official': [], 'ours': []} for row in ROWS}
     for r in range(rounds):
         for row, flags in ROWS.items():
             for side in ('official', 'ours'):
-                res = run_side(side, base + flags, official)
+                extra = ['--profile', profile] if (r, row, side) == (0, 'tf', 'ours') else []
+                res = run_side(side, base + flags + extra, official)
                 runs[row][side].append(res)
                 log(f"round {r + 1} {row:10s} {side:8s} {key_of(row)} {res[key_of(row)]}")
     return runs
@@ -124,7 +127,8 @@ def main(argv=None):
         check_writable(args.json, '--json')      # before ten minutes of timing, not after
         log = lambda msg: print(msg, flush=True)  # noqa: E731
         res = dict(machine(), config=TINY if args.tiny else FULL, rounds=args.rounds)
-        runs = compare(args.official, TINY if args.tiny else FULL, args.rounds, log)
+        profile = os.path.splitext(args.json)[0] + '_profile_tf.txt'
+        runs = compare(args.official, TINY if args.tiny else FULL, args.rounds, profile, log)
         res.update(summary(runs))
         res['laptop_pipeline_s'], res['laptop_split'], res['laptop_table'] = \
             (None, None, None) if args.no_laptop else laptop_pipeline(log)
