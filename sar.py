@@ -424,14 +424,15 @@ def sample(model, vae, labels, scales, cfg=1.5, top_k=900, top_p=0.95, generator
 
 # ---- 6. the training loop: one code path for 1 process and torchrun DDP --------------------------
 def setup_distributed(device_name):
-    """(rank, world, device). Under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    """(rank, world, device). Under torchrun, even of 1 process: DDP, nccl on CUDA, gloo on CPU."""
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    ddp = world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ      # torchrun sets it in its workers
     auto = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(auto if device_name == 'auto' else device_name)
     if device.type == 'cuda':  # under torchrun each process drives the GPU of its LOCAL_RANK
-        device = torch.device('cuda', int(os.environ['LOCAL_RANK']) if world > 1 else device.index or 0)
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']) if ddp else device.index or 0)
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if ddp and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
 
@@ -499,10 +500,11 @@ def train(args, make_loss):
         step = ck['step']
     for block in raw.blocks if args.compile else []:  # per block, dynamic: L varies every step,
         block.compile(dynamic=True)    # and the student pass has its own (docs/design.md)
-    model = DDP(raw, [device] if device.type == 'cuda' else None) if world > 1 else raw  # grads all-reduced
-    n = sum(p.numel() for p in raw.parameters()) / 1e6
+    ddp = dist.is_initialized()                         # torchrun: DDP all-reduces the gradients
+    model = DDP(raw, [device] if device.type == 'cuda' else None) if ddp else raw
+    n, via = sum(p.numel() for p in raw.parameters()) / 1e6, f" DDP {dist.get_backend()}" if ddp else ''
     print(f"{args.mode}: {n:.2f}M params, {len(data)} images, flips {data.flip}, batch "
-          f"{args.batch_size} = {world} x {micro} x {args.grad_accum}, {device}, step {step}") if master else None
+          f"{args.batch_size} = {world} x {micro} x {args.grad_accum}, {device}{via}, step {step}") if master else None
 
     def save(at_step):
         if master:
@@ -537,7 +539,7 @@ def train(args, make_loss):
             for m in range(args.grad_accum):
                 images, labels = (t.to(device, non_blocking=True) for t in next(loader))
                 gt_idx, x_in = gt_tokens_and_inputs(vae, images, scales)
-                with nullcontext() if world == 1 or m == args.grad_accum - 1 else model.no_sync():
+                with nullcontext() if not ddp or m == args.grad_accum - 1 else model.no_sync():
                     with autocast_ctx(device, args.dtype):
                         loss, info = loss_fn(model, gt_idx, x_in, labels, scales, gen)
                     scaler.scale(loss / args.grad_accum).backward()
@@ -698,9 +700,8 @@ def save_samples(args, arr, labels, classes, out):
     print(f"wrote {out}/samples.png" + (f", {args.save_npz} ({len(arr)} images)" if args.save_npz else ''))
 
 # ---- 8. the command line -------------------------------------------------------------------------
-# The official runs, from the official scripts: base LR tblr * batch / 256 on the 'lin0' schedule
-# over `ep` epochs (2 % warm-up, hold 5 %, linear to wpe * peak); SAR post-training re-enters it
-# after epoch `start`.
+# The official runs (official scripts): base LR tblr * batch / 256 on the 'lin0' schedule over `ep`
+# epochs (2 % warm-up, hold 5 %, then linear to wpe * peak); SAR re-enters it after epoch `start`.
 OFFICIAL_RECIPES = {16: dict(tblr=1e-4, wpe=0.1, ep=190, start=179),
                     20: dict(tblr=1e-4, wpe=0.1, ep=260, start=249),
                     24: dict(tblr=8e-5, wpe=0.01, ep=360, start=349)}

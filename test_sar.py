@@ -710,6 +710,26 @@ def test_ddp_two_processes_equal_one_process(tiny_vae_path, tmp_path):
     assert [(r['step'], r['loss_csf'] > 0) for r in log_records(tmp_path / 'cfg')] == [(1, True), (2, True)]
 
 
+def test_torchrun_of_one_process_takes_the_ddp_path_and_equals_plain_python(tiny_vae_path, tmp_path):
+    """`torchrun --nproc_per_node 1 sar.py` runs the DDP code path (so one GPU checks the nccl backend): the
+    start line says so, and the run equals plain `python sar.py` exactly (an all-reduce over 1 process, / 1)."""
+    common = ('--steps', '2', '--mode', 'sar', '--log-every', '1')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    runs = {'plain': [sys.executable, 'sar.py'],
+            'torchrun': [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '1',
+                         'sar.py']}
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd + train_args(tiny_vae_path, str(tmp_path / name), *common), cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ('cpu DDP gloo' in r.stdout + r.stderr) == (name == 'torchrun'), r.stdout + r.stderr
+    ref, got = log_records(tmp_path / 'plain'), log_records(tmp_path / 'torchrun')
+    drop = lambda recs: [{k: v for k, v in r.items() if k != 'imgs_per_s'} for r in recs]  # noqa
+    assert len(ref) == 2 and drop(ref) == drop(got)
+    wa, wb = weights(tmp_path / 'plain' / 'ckpt.pt'), weights(tmp_path / 'torchrun' / 'ckpt.pt')
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_grad_accum_equals_one_big_batch_per_step(tiny_vae_path, tmp_path):
     """--grad-accum 2 (two micro-batches of 2) vs --grad-accum 1 (one batch of 4), 1 process: the same images
     per step (their place in the global batch decides them), so the same logged loss, loss parts and gradient
