@@ -2107,13 +2107,13 @@ def test_gpu_bench_bad_official_fails_in_one_line_and_writes_nothing(tmp_path):
     assert '--official' in p.stderr and os.listdir(tmp_path) == []
 
 
-def test_gpu_bench_dry_run_writes_the_medians_and_ratios_of_both_sides(tmp_path):
+def test_gpu_bench_dry_run_writes_the_medians_ratios_laptop_time_and_ddp_line(tmp_path):
     if not os.path.isfile(os.path.join(OFFICIAL, 'trainer.py')):
         pytest.skip(f"no clone of the official SAR code at {OFFICIAL}")
     out = tmp_path / 'gpu.json'
     p = subprocess.run([sys.executable, os.path.join(HERE, 'experiments', 'gpu_bench.py'), '--official', OFFICIAL,
-                        '--tiny', '--no-laptop', '--rounds', '1', '--json', str(out)],
-                       capture_output=True, text=True, timeout=600)
+                        '--tiny', '--rounds', '1', '--json', str(out)],       # the laptop part: train.sh SMOKE=1
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, SMOKE='1'))
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
     for row, key in (('tf', 'ms_per_step'), ('sar_argmax', 'ms_per_step'), ('sar_cfg', 'ms_per_step'),
@@ -2126,7 +2126,10 @@ def test_gpu_bench_dry_run_writes_the_medians_and_ratios_of_both_sides(tmp_path)
         assert (med['official'], med['ours']) == (runs['official'][0][key], runs['ours'][0][key])
         name = 'sampling_speedup' if row == 'sampling' else f'{row}_ratio'
         assert res[name] == pytest.approx(med['ours'] / med['official'], abs=1e-3)
-    assert res['card'] == 'cpu' and res['mfu_tf'] is None and res['laptop_pipeline_s'] is None
+    assert res['card'] == 'cpu' and res['mfu_tf'] is None and res['laptop_pipeline_s'] > 0
+    assert res['laptop_split'].startswith('time per stage: tokenizer')
+    assert [ln.split(' | ')[0][:4] for ln in res['laptop_table'].splitlines()] == ['| ch', '|---', '| TF', '| SA']
+    assert ' x 1, cpu DDP gloo, step 0' in res['ddp_start_line']                 # torchrun of 1 process: DDP
     assert res['commit'] and res['torch'] == torch.__version__
     assert 'aten::' in (tmp_path / 'gpu_profile_tf.txt').read_text()              # the profile of our TF step
     assert sorted(os.listdir(tmp_path)) == ['gpu.json', 'gpu_profile_tf.txt']     # no temporary file left

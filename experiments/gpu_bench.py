@@ -1,6 +1,7 @@
 """
 The GPU comparison of docs/benchmarks.md in one run: the official code and ours side by side (A B A B) on the
-d16 training steps and the sampler, then the laptop pipeline; writes the medians to assets/bench/gpu.json.
+d16 training steps and the sampler, then the laptop pipeline and the DDP path of one process; writes the medians
+to assets/bench/gpu.json.
 
     python experiments/gpu_bench.py --official /path/to/SAR                 # on a CUDA machine, ~10 min
     python experiments/gpu_bench.py --official /path/to/SAR --tiny --no-laptop --json /tmp/gpu.json   # dry run
@@ -16,7 +17,8 @@ fresh process, so neither inherits the other's allocator or compiled kernels:
 
 Configuration: d16, batch 32, 256 px, scales 1,2,3,4,5,6,8,10,13,16, bf16 autocast, random weights, 6 steps of
 which the first is warm-up (each side reports the median of the others). Then `bash train.sh` end to end into a
-temporary folder, timed. The JSON holds every run's numbers, the median of both sides per row, the ratios
+temporary folder, timed, and 3 SAR steps from its TF checkpoint under `torchrun --nproc_per_node 1` (the DDP
+path: the nccl backend on a GPU; `ddp_start_line` holds sar.py's line that names it). The JSON holds every run's numbers, the median of both sides per row, the ratios
 (`tf_ratio`, `sar_argmax_ratio`, `sar_cfg_ratio`: ours / official time; `sampling_speedup`: ours / official
 images/s), `mfu_tf` (a fraction, bench.py's FLOP count), `laptop_pipeline_s`, the card, torch, commit and date;
 next to it, gpu_profile_tf.txt: torch.profiler's table of one of our TF steps (where the time goes).
@@ -51,8 +53,7 @@ def run_side(side, flags, official):
     cmd = [sys.executable, os.path.join(HERE, script)] + (['--official', official] if side == 'official' else [])
     p = subprocess.run(cmd + flags, capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ['no output'])[-1]
-        raise UserError(f"{script} {' '.join(flags)} failed (exit {p.returncode}): {last}")
+        raise UserError(f"{script} {' '.join(flags)} failed (exit {p.returncode}): {last_line(p)}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -74,18 +75,37 @@ def compare(official, base, rounds, profile, log):
     return runs
 
 
+def last_line(p):
+    return (p.stderr.strip().splitlines() or ['no output'])[-1]
+
+
 def laptop_pipeline(log):
-    """`bash train.sh` end to end in a temporary folder: (seconds, its printed stage split line)."""
+    """`bash train.sh` end to end in a temporary folder, timed, then 3 SAR steps from its TF checkpoint under
+    `torchrun --nproc_per_node 1` (the DDP code path: nccl on a GPU). Returns {laptop_pipeline_s,
+    laptop_split (train.sh's stage split), laptop_table, ddp_start_line (sar.py's line naming the backend)}."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.time()
         p = subprocess.run(['bash', os.path.join(ROOT, 'train.sh')], cwd=ROOT, capture_output=True, text=True,
                            env=dict(os.environ, OUT=out))
         s = round(time.time() - t0, 1)
-    if p.returncode != 0:
-        raise UserError(f"train.sh failed (exit {p.returncode}): {(p.stderr.strip().splitlines() or [''])[-1]}")
-    split = [ln for ln in p.stdout.splitlines() if ln.startswith('time per stage')]
-    log(f"laptop pipeline {s} s; {split[-1] if split else ''}")
-    return s, (split[-1] if split else None), p.stdout[p.stdout.rfind('| checkpoint'):].strip()
+        if p.returncode != 0:
+            raise UserError(f"train.sh failed (exit {p.returncode}): {last_line(p)}")
+        split = [ln for ln in p.stdout.splitlines() if ln.startswith('time per stage')]
+        log(f"laptop pipeline {s} s; {split[-1] if split else ''}")
+        import torch
+        a = torch.load(os.path.join(out, 'tf', 'ckpt.pt'), map_location='cpu', weights_only=True)['args']
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '1', 'sar.py',
+               '--mode', 'sar', '--init', os.path.join(out, 'tf', 'ckpt.pt'), '--vae', a['vae'], '--data', a['data'],
+               '--depth', str(a['depth']), '--image-size', str(a['image_size']), '--scales',
+               ','.join(map(str, a['scales'])), '--batch-size', str(a['batch_size']), '--steps', '3',
+               '--out-dir', os.path.join(out, 'ddp'), '--quiet']
+        d = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if d.returncode != 0:
+            raise UserError(f"torchrun of 1 process failed (exit {d.returncode}): {last_line(d)}")
+        start = [ln for ln in (d.stdout + d.stderr).splitlines() if ' DDP ' in ln]
+        log(f"torchrun, 1 process: {start[-1] if start else 'no DDP start line'}")
+    return dict(laptop_pipeline_s=s, laptop_split=split[-1] if split else None, ddp_start_line=start[-1] if start
+                else None, laptop_table='\n'.join(ln for ln in p.stdout.splitlines() if ln.startswith('|')))
 
 
 def summary(runs):
@@ -130,8 +150,8 @@ def main(argv=None):
         profile = os.path.splitext(args.json)[0] + '_profile_tf.txt'
         runs = compare(args.official, TINY if args.tiny else FULL, args.rounds, profile, log)
         res.update(summary(runs))
-        res['laptop_pipeline_s'], res['laptop_split'], res['laptop_table'] = \
-            (None, None, None) if args.no_laptop else laptop_pipeline(log)
+        res.update(dict.fromkeys(['laptop_pipeline_s', 'laptop_split', 'laptop_table', 'ddp_start_line'])
+                   if args.no_laptop else laptop_pipeline(log))
         res['runs'] = runs
         atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=1).encode()))
         log(json.dumps({k: v for k, v in res.items() if k not in ('runs', 'laptop_table')}))
