@@ -3,7 +3,7 @@ The GPU comparison of docs/benchmarks.md in one run: the official code and ours 
 d16 training steps and the sampler, then the laptop pipeline and the DDP path of one process; writes the medians
 to assets/bench/gpu.json.
 
-    python experiments/gpu_bench.py --official /path/to/SAR                 # on a CUDA machine, ~10 min
+    python experiments/gpu_bench.py --official /path/to/SAR                 # on a CUDA machine
     python experiments/gpu_bench.py --official /path/to/SAR --tiny --no-laptop --json /tmp/gpu.json   # dry run
 
 /path/to/SAR is a clone of the official code (GengzeZhou/SAR). Each round runs, for every row, the official
@@ -18,11 +18,13 @@ fresh process, so neither inherits the other's allocator or compiled kernels:
 Configuration: d16, batch 32, 256 px, scales 1,2,3,4,5,6,8,10,13,16, bf16 autocast, random weights, 6 steps of
 which the first is warm-up (each side reports the median of the others). Then `bash train.sh` end to end into a
 temporary folder, timed, and 3 SAR steps from its TF checkpoint under `torchrun --nproc_per_node 1` (the DDP
-path: the nccl backend on a GPU; `ddp_start_line` holds sar.py's line that names it). The JSON holds every run's numbers, the median of both sides per row, the ratios
-(`tf_ratio`, `sar_argmax_ratio`, `sar_cfg_ratio`: ours / official time; `sampling_speedup`: ours / official
-images/s), `mfu_tf` (a fraction, bench.py's FLOP count), `laptop_pipeline_s`, the card, torch, commit and date;
-next to it, gpu_profile_tf.txt: torch.profiler's table of one of our TF steps (where the time goes).
---tiny is a seconds-long dry run of the same script (depth 1, 32 px) for a machine without a GPU.
+path: nccl on a GPU; `ddp_start_line` holds sar.py's start line, which names the backend).
+
+The JSON holds every run's numbers, the median of both sides per row, the ratios (`tf_ratio`,
+`sar_argmax_ratio`, `sar_cfg_ratio`: ours / official time; `sampling_speedup`: ours / official images/s),
+`mfu_tf` (a fraction, bench.py's FLOP count), `laptop_pipeline_s`, the card, torch, commit and date; next to
+it, gpu_profile_tf.txt: torch.profiler's table of one of our TF steps (where the time goes).
+--tiny: a dry run of the same script (depth 1, 32 px) on a machine without a GPU, in under a minute.
 """
 import argparse
 import datetime
@@ -134,7 +136,7 @@ def machine():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--official', required=True, help="a clone of the official code (GengzeZhou/SAR)")
     p.add_argument('--rounds', type=int, default=2, help="rounds of A B (official, ours) per row")
     p.add_argument('--tiny', action='store_true', help="a dry run at depth 1, 32 px, on the CPU")
