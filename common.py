@@ -1,5 +1,5 @@
 """
-Helpers shared by tokenizer.py, sar.py and the experiments: the one error convention, files written
+Helpers shared by tokenizer.py, sar.py and the experiments: the one error convention, --device, files written
 atomically, checkpoints loaded safely, the per-step seeds and batches, scale lists, the learning-rate
 schedule, and image grids. fid.py keeps small copies of the few it needs, so that it runs alone.
 """
@@ -20,6 +20,22 @@ class UserError(Exception):
     """Bad input from the user or bad data: missing or unreadable files, invalid flags, datasets we cannot
     use. The message says what to do; every script's main() prints it as one line `error: ...` (exit status
     2)."""
+
+
+def pick_device(name):
+    """--device: 'auto' = cuda if there is a GPU, else cpu; a device this machine lacks is a UserError."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:1 or mps") from None
+    count = {'cpu': 1, 'cuda': torch.cuda.device_count() if torch.cuda.is_available() else 0,
+             'mps': int(torch.backends.mps.is_available())}.get(device.type, 0)
+    if (device.index or 0) >= count:
+        raise UserError(f"--device {name}: not available on this machine ({count} {device.type} device(s)); "
+                        f"use --device auto")
+    return device
 
 
 def step_seed(seed, step, rank=0):

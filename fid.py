@@ -1089,6 +1089,14 @@ def parse_args(argv=None):
     bad = set(args.metrics.split(',')) - {'is', 'fid', 'sfid', 'pr'}
     if bad:
         p.error(f"unknown metrics {sorted(bad)}; choose from is,fid,sfid,pr")
+    try:                                    # a device this machine lacks: one line now, not a traceback later
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a torch device; use cpu, cuda, cuda:1 or mps")
+    count = {'cpu': 1, 'cuda': torch.cuda.device_count() if torch.cuda.is_available() else 0,
+             'mps': int(torch.backends.mps.is_available())}.get(device.type, 0)
+    if (device.index or 0) >= count:
+        p.error(f"--device {args.device}: not available on this machine ({count} {device.type} device(s))")
     return args
 
 

@@ -35,8 +35,8 @@ from tqdm import tqdm
 import cpu_speed  # CPU speed machinery, applied in one line (section 6)
 from common import (ArgumentParser, UserError, atomic_write, check_ranges, check_scales,
                     check_unused, check_writable, error_line, load_checkpoint, load_state_dict_strict,
-                    lr_at, parse_scales, save_atomic, save_image_grid, step_batches, step_seed,
-                    to_uint8, trim_log)
+                    lr_at, parse_scales, pick_device, save_atomic, save_image_grid, step_batches,
+                    step_seed, to_uint8, trim_log)
 from data import load_dataset
 from tokenizer import load_tokenizer
 
@@ -427,8 +427,7 @@ def setup_distributed(device_name):
     """(rank, world, device). Under torchrun, even of 1 process: DDP, nccl on CUDA, gloo on CPU."""
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
     ddp = world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ      # torchrun sets it in its workers
-    auto = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(auto if device_name == 'auto' else device_name)
+    device = pick_device(device_name)                           # auto: cuda if there is one
     if device.type == 'cuda':  # under torchrun each process drives the GPU of its LOCAL_RANK
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']) if ddp else device.index or 0)
         torch.cuda.set_device(device)
@@ -643,7 +642,7 @@ def run_sampling(args):
     model, vae, ours = load_for_sampling(args.ckpt, args.vae, device, args.trust_checkpoint)
     model = cpu_speed.apply(model)                        # threads, memory, kernels (cpu_speed.py)
     scales = args.scales or (ours['scales'] if ours else list(OFFICIAL_SCALES))
-    cfg = 1.5 if ours else {16: 2.2, 20: 2.6, 24: 3.3}.get(model.depth, 1.5)  # official eval values
+    cfg = {16: 2.2, 20: 2.6, 24: 3.3}.get(model.depth, 1.5)  # official eval values; the laptop's 1.5
     cfg = cfg if args.cfg is None else args.cfg
     classes = list(range(model.num_classes)) if args.classes == 'all' else args.classes
     if not set(classes) <= set(range(model.num_classes)):

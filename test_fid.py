@@ -1266,3 +1266,13 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys, flag):
     assert fid.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f'error: {flag} ') and 'cannot be written' in err and '\n' not in err, err
+
+
+@pytest.mark.parametrize('device, needle', [('cuda:99', '--device cuda:99: not available on this machine'),
+                                            ('nonsense', "--device 'nonsense' is not a torch device")])
+def test_a_device_the_machine_lacks_is_one_line_before_any_work(tmp_path, capsys, device, needle):
+    # used to be a traceback from deep inside the first model.to(device)
+    rc = fid.main(['--train-classifier', 'toy', '--out', str(tmp_path / 'c.pt'), '--device', device])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith('error: ') and err.count('\n') == 1 and needle in err, err
+    assert os.listdir(tmp_path) == []

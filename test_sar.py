@@ -767,7 +767,9 @@ def test_errors_bad_scales(capsys, tiny_vae_path, tmp_path):
                                         (['--batch-size', '0'], '--batch-size 0'), (['--lr', '-1'], '--lr -1.0'),
                                         (['--num-samples', '0'], '--num-samples 0'), (['--cfg', '-3'], '--cfg -3.0'),
                                         (['--top-p', '2'], '--top-p 2.0'), (['--classes', 'a,b'], '--classes'),
-                                        (['--mode', 'x'], 'invalid choice'), (['--bogus'], 'unrecognized')])
+                                        (['--mode', 'x'], 'invalid choice'), (['--bogus'], 'unrecognized'),
+                                        (['--device', 'nonsense'], "--device 'nonsense' is not a torch device"),
+                                        (['--device', 'cuda:99'], '--device cuda:99: not available')])
 def test_bad_values_are_refused_before_any_work(capsys, tmp_path, flags, what):
     out = tmp_path / 'never'
     assert what in error_of(capsys, ['--out-dir', str(out), *flags])
@@ -915,6 +917,26 @@ def test_ctrl_c_saves_the_finished_steps_and_resume_continues(tiny_vae_path, tmp
     assert step >= 3 and f'step {step}' in err
     sar.main(train_args(tiny_vae_path, str(out), '--steps', str(step + 1), '--resume'))
     assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == step + 1
+
+
+def test_default_cfg_is_the_official_one_at_its_depths_for_our_checkpoints_too(monkeypatch, tiny_vae_path,
+                                                                               tmp_path):
+    # README: at depth >= 12 the defaults are the official ones (cfg 2.2 / 2.6 / 3.3 at d16 / d20 / d24), also
+    # for a checkpoint sar.py trained (it used to sample those at the laptop's 1.5); a depth-1 model stands in
+    out = str(tmp_path / 'run')
+    sar.main(train_args(tiny_vae_path, out, '--steps', '1'))
+    real, seen = sar.load_for_sampling, []
+    monkeypatch.setattr(sar, 'sample', lambda m, v, labels, scales, cfg, *a, **k:
+                        seen.append((m.depth, cfg)) or torch.zeros(len(labels), 3, 16, 16))
+    for depth in (1, 16, 20, 24):
+        def load(*a, **k):
+            model, vae, ours = real(*a, **k)
+            model.depth = depth
+            return model, vae, ours
+        monkeypatch.setattr(sar, 'load_for_sampling', load)
+        sar.main(['--sample', '--ckpt', os.path.join(out, 'ckpt.pt'), '--classes', '0', '--num-samples', '1',
+                  '--quiet', '--out-dir', str(tmp_path / f's{depth}')])
+    assert seen == [(1, 1.5), (16, 2.2), (20, 2.6), (24, 3.3)]
 
 
 def test_sampling_cli_outputs_and_errors(capsys, tiny_vae_path, tmp_path):

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 import cpu_speed
 from common import (ArgumentParser, UserError, check_scales, check_writable, error_line, load_checkpoint,
-                    load_state_dict_strict, lr_at, parse_ints, parse_scales, save_atomic, save_image_grid,
-                    step_batches)
+                    load_state_dict_strict, lr_at, parse_ints, parse_scales, pick_device, save_atomic,
+                    save_image_grid, step_batches)
 from data import CROPS, ImageFolder, load_dataset
 
 # -----------------------------------------------------------------------------
@@ -599,14 +599,7 @@ def check_args(args):
         if not math.isfinite(v) or v < 0 or (positive and v == 0):
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number "
                             f"{'> 0' if positive else '>= 0'}, got {v}")
-    if args.device == 'auto':   # as sar.py: the GPU when there is one (train.sh passes no --device)
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a torch device; use e.g. 'cpu' or 'cuda'") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    args.device = str(pick_device(args.device))   # as sar.py: auto takes the GPU (train.sh passes no --device)
     scales = parse_scales(args.scales)
     if args.eval_only:  # the checkpoint's own sizes are checked once it is loaded
         return
