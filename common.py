@@ -139,6 +139,9 @@ def load_checkpoint(path, trust=False):
         return torch.load(path, map_location='cpu', weights_only=not trust)
     except pickle.UnpicklingError as e:  # what torch raises for anything outside the weights_only allow-list
         msg = str(e)
+        if 'Unsupported operand' in msg:     # bytes that are no pickle at all: damaged, not untrusted
+            raise UserError(f"{path} is not a checkpoint torch can read (damaged or not a torch file: "
+                            f"{msg[msg.index('Unsupported operand'):].splitlines()[0]})") from None
         if not trust and ('Unsupported global' in msg or 'Weights only load failed' in msg):
             detail = 'objects outside the weights-only allow-list'
             if 'Unsupported global' in msg:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import UserError, warn_once
+from common import UserError, error_line, warn_once
 
 IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.gif', '.tif', '.tiff', '.ppm', '.pgm', '.jfif')
 SPLIT_SEED = 0  # the train/val split of real data never depends on --seed, so all runs share the same val set
@@ -536,9 +536,12 @@ def read_dataset(spec, image_size, split, flip, seed, crop):
 
 
 if __name__ == '__main__':  # python data.py SPEC: 'photos' or 'other', the kind train.sh picks its recipe by
-    if len(sys.argv) != 2:
-        sys.exit("usage: python data.py SPEC   (prints 'photos' for colour photos, else 'other')")
+    if len(sys.argv) != 2 or sys.argv[1] in ('-h', '--help'):
+        print("usage: python data.py DATA   (prints 'photos' for colour photos, else 'other'; DATA: toy, an "
+              "ImageFolder, an .npz or MNIST IDX files)", file=sys.stderr if len(sys.argv) != 2 else sys.stdout)
+        sys.exit(2 if len(sys.argv) != 2 else 0)
     try:
         print('photos' if colour_photos(load_dataset(sys.argv[1], 32, 'train')) else 'other')
     except UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.exit(2)

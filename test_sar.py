@@ -1334,6 +1334,11 @@ def test_save_atomic_and_load_checkpoint(tmp_path):
     for trust in (False, True):
         with pytest.raises(common.UserError, match='notes.pt is not a checkpoint'):
             common.load_checkpoint(tmp_path / 'notes.pt', trust=trust)
+    # random bytes (a damaged download) are called damaged: trusting the file would not help
+    (tmp_path / 'noise.pt').write_bytes(np.random.default_rng(0).integers(0, 256, 100, np.uint8).tobytes())
+    with pytest.raises(common.UserError, match='noise.pt is not a checkpoint torch can read .damaged') as e:
+        common.load_checkpoint(tmp_path / 'noise.pt')
+    assert 'trust' not in str(e.value)
 
 
 def test_save_image_grid(tmp_path):

@@ -31,8 +31,11 @@ def runs(files):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if {'-h', '--help'} & set(argv):
+        return print(__doc__.strip())
     try:
-        found = runs(sys.argv[1:] if argv is None else argv)
+        found = runs(argv)
         by_side = {r.get('side'): r for r in found}
         if len(found) != 2 or set(by_side) != {'ours', 'official'}:
             raise ValueError(f"need one JSON line of bench.py (side ours) and one of official_timing.py "

@@ -57,4 +57,7 @@ def main(out, batch):
 
 
 if __name__ == '__main__':
+    if len(sys.argv) != 3 or not sys.argv[2].isdigit():
+        print("usage: " + __doc__.split('\n')[1].strip(), file=sys.stderr)
+        sys.exit(2)
     main(sys.argv[1], int(sys.argv[2]))
