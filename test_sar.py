@@ -1081,14 +1081,17 @@ def test_bench_runs_and_reports_sar_parts(capsys, tiny_vae_path):
 
 
 def test_smoke_pipeline_train_sh(tmp_path):
-    """SMOKE=1 bash train.sh: every stage of the recipe with tiny sizes, ending in the TF vs SAR table."""
-    env = dict(os.environ, SMOKE='1', OUT=str(tmp_path / 'smoke'))
+    """SMOKE=1 bash train.sh: every stage of the recipe with tiny sizes, ending in the TF vs SAR table; FLIP=1
+    turns the flips on in all three trainings (toy is not flipped by default)."""
+    env = dict(os.environ, SMOKE='1', OUT=str(tmp_path / 'smoke'), FLIP='1')
     r = subprocess.run(['bash', 'train.sh'], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert '| TF |' in r.stdout and '| SAR |' in r.stdout
     for f in ('samples_tf.npz', 'samples_sar.npz', 'eval_tf.json', 'eval_sar.json', 'sar/ckpt.pt'):
         assert os.path.isfile(tmp_path / 'smoke' / f), f
     assert re.search(r'time per stage: tokenizer \d+ s, tf \d+ s, sar \d+ s, sampling_tf \d+ s', r.stdout)
+    for ck in ('tokenizer.pt', 'tf/ckpt.pt', 'sar/ckpt.pt'):
+        assert torch.load(tmp_path / 'smoke' / ck, weights_only=True)['args']['flip'] is True, ck
 
 
 def imported_modules(path):

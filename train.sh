@@ -19,6 +19,7 @@
 #   NPROC    processes per node for torchrun (default 1)
 #   OUT      output folder (default out, or out/smoke with SMOKE=1)
 #   SEED     seed of the tokenizer, training and sampling (default 0)
+#   FLIP     1 / 0: random horizontal flips on / off (default: on for colour photos and at DEPTH >= 12)
 #   TF_STEPS, SAR_STEPS, BATCH, IMAGE_SIZE, CROP, SCALES, CFG, NUM_SAMPLES (per class), FID_REF, FID_WEIGHTS,
 #   SAMPLE_SCALES (the scales sampled; default: the checkpoint's)
 set -euo pipefail
@@ -46,6 +47,8 @@ NPROC=${NPROC:-1}
 if [ -n "${INIT:-}" ] && [ -z "${DEPTH:-}" ]; then echo "error: INIT given: set DEPTH to its depth (16/20/24)" >&2; exit 2; fi
 DEPTH=${DEPTH:-$([ "$SMOKE" = 1 ] && echo 2 || echo 4)}
 SEED=${SEED:-0}
+case "${FLIP:-}" in 1) FLIP_FLAG=--flip ;; 0) FLIP_FLAG=--no-flip ;; "") FLIP_FLAG="" ;;
+  *) echo "error: FLIP must be 1 or 0, got '$FLIP'" >&2; exit 2 ;; esac
 KIND=other  # colour photos get a recipe of their own below the official sizes (python data.py tells the kind)
 if [ "$DEPTH" -lt 12 ] && [ "$SMOKE" != 1 ]; then KIND=$($PY data.py "$DATA"); fi
 if [ "$DEPTH" -ge 12 ]; then            # the official sizes and recipe: ImageNet, 1000 classes, 512 px random
@@ -79,7 +82,7 @@ OUT=${OUT:-$([ "$SMOKE" = 1 ] && echo out/smoke || echo out)}
 mkdir -p "$OUT"
 RUN="$PY"
 [ "$NPROC" -gt 1 ] && RUN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
-COMMON="--data $DATA --seed $SEED --depth $DEPTH --image-size $IMAGE_SIZE --scales $SCALES --batch-size $BATCH --quiet ${CROP:+--crop $CROP}"
+COMMON="--data $DATA --seed $SEED --depth $DEPTH --image-size $IMAGE_SIZE --scales $SCALES --batch-size $BATCH --quiet ${CROP:+--crop $CROP} $FLIP_FLAG"
 start=$(date +%s); stage_start=$start; stage=""; split=""
 # stamp NAME MESSAGE: a stage begins; the seconds of the one before go into the split printed at the end
 stamp() {
@@ -93,7 +96,7 @@ if [ -z "${VAE:-}" ]; then
   VAE=$OUT/tokenizer.pt
   if [ ! -f "$VAE" ]; then
     stamp tokenizer "training the tokenizer on $DATA -> $VAE"
-    $PY tokenizer.py --data "$DATA" --image-size "$IMAGE_SIZE" --scales "$SCALES" --out "$VAE" --seed "$SEED" ${TOK_FLAGS:-}
+    $PY tokenizer.py --data "$DATA" --image-size "$IMAGE_SIZE" --scales "$SCALES" --out "$VAE" --seed "$SEED" ${TOK_FLAGS:-} $FLIP_FLAG
   fi
 fi
 
