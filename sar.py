@@ -18,7 +18,7 @@ Shapes: B batch, L tokens of a scale list, C model width, H heads, V codebook si
 A scale list holds side lengths pn_0 < pn_1 < ...; scale i is a pn_i x pn_i token map, row-major.
 """
 
-import argparse, functools, json, math, os, random, sys, time
+import argparse, functools, gc, json, math, os, random, sys, time
 from collections import OrderedDict
 from typing import NamedTuple
 from contextlib import nullcontext
@@ -214,9 +214,8 @@ def scale_shift(vae, idx, pn, nxt):
     return f.flatten(2).transpose(1, 2)
 
 def tf_input(vae, idx_list, scales):
-    """The scale-shift input (B, L - pn_0^2, Cv): scale i's code vectors upsampled to scale i+1 for
-    i < K-1 (the finest map is only a target). With GT maps this is eq. (2); with the model's own,
-    what it sees at inference."""
+    """The scale-shift input (B, L - pn_0^2, Cv): scale i's code vectors upsampled to scale i+1
+    (i < K-1; the finest is only a target). Eq. (2) with GT maps, inference with the model's own."""
     return torch.cat([scale_shift(vae, t, a, b) for t, a, b in zip(idx_list, scales, scales[1:])], 1)
 
 @torch.no_grad()
@@ -842,8 +841,9 @@ def main(argv=None, make_loss=loss_for):
     except KeyboardInterrupt as e:
         print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
-    finally:
-        if dist.is_initialized():
+    finally:  # gc first: the DDP wrapper, a reference cycle, holds the process group; left to the
+        if dist.is_initialized():   # end of the interpreter, gloo's threads aborted ~1 exit in 13
+            gc.collect()
             dist.destroy_process_group()
 
 if __name__ == '__main__':
