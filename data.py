@@ -536,10 +536,11 @@ def read_dataset(spec, image_size, split, flip, seed, crop):
 
 
 if __name__ == '__main__':  # python data.py SPEC: 'photos' or 'other', the kind train.sh picks its recipe by
-    if len(sys.argv) != 2 or sys.argv[1] in ('-h', '--help'):
+    asked = sys.argv[1:] in (['-h'], ['--help'])
+    if asked or len(sys.argv) != 2:     # usage: on stdout when asked for, else an error (exit status 2)
         print("usage: python data.py DATA   (prints 'photos' for colour photos, else 'other'; DATA: toy, an "
-              "ImageFolder, an .npz or MNIST IDX files)", file=sys.stderr if len(sys.argv) != 2 else sys.stdout)
-        sys.exit(2 if len(sys.argv) != 2 else 0)
+              "ImageFolder, an .npz or MNIST IDX files)", file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     try:
         print('photos' if colour_photos(load_dataset(sys.argv[1], 32, 'train')) else 'other')
     except UserError as e:
