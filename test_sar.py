@@ -2129,23 +2129,41 @@ def test_official_timing_prints_the_keys_of_bench(tmp_path, capsys, mode):
         pytest.approx(ours[key] / theirs[key], rel=1e-2, abs=1e-3)
 
 
+def gpu_bench(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, 'experiments', 'gpu_bench.py'), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_gpu_bench_bad_official_fails_in_one_line_and_writes_nothing(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(HERE, 'experiments', 'gpu_bench.py'), '--official',
-                        str(tmp_path / 'nowhere'), '--tiny', '--no-laptop', '--json', str(tmp_path / 'g.json')],
-                       capture_output=True, text=True, timeout=120)
+    p = gpu_bench('--official', str(tmp_path / 'nowhere'), '--tiny', '--parts', 'ab', '--json', str(tmp_path / 'g.json'))
     assert p.returncode == 2 and p.stderr.startswith('error: ') and p.stderr.count('\n') == 1, p.stderr
     assert '--official' in p.stderr and os.listdir(tmp_path) == []
+
+
+def test_gpu_bench_update_refuses_a_json_of_another_commit_and_leaves_it(tmp_path):
+    out = tmp_path / 'gpu.json'
+    out.write_text(json.dumps(dict(commit='0000000', card='cpu', config=[], parts={'ab': 'then'})))
+    before = out.read_text()
+    p = gpu_bench('--official', OFFICIAL, '--tiny', '--parts', 'laptop', '--update', '--json', str(out))
+    if 'no trainer.py' in p.stderr:
+        pytest.skip(f"no clone of the official SAR code at {OFFICIAL}")
+    assert p.returncode == 2 and p.stderr.count('\n') == 1 and 'commit' in p.stderr, p.stderr
+    assert out.read_text() == before and os.listdir(tmp_path) == ['gpu.json']
 
 
 def test_gpu_bench_dry_run_writes_the_medians_ratios_laptop_time_and_ddp_line(tmp_path):
     if not os.path.isfile(os.path.join(OFFICIAL, 'trainer.py')):
         pytest.skip(f"no clone of the official SAR code at {OFFICIAL}")
     out = tmp_path / 'gpu.json'
-    p = subprocess.run([sys.executable, os.path.join(HERE, 'experiments', 'gpu_bench.py'), '--official', OFFICIAL,
-                        '--tiny', '--rounds', '1', '--json', str(out)],       # the laptop part: train.sh SMOKE=1
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, SMOKE='1'))
+    p = gpu_bench('--official', OFFICIAL, '--tiny', '--rounds', '1', '--parts', 'ab', '--json', str(out))
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
+    assert 'laptop_pipeline_s' not in res and list(res['parts']) == ['ab']
+    # the second part added to the same file (one command per part, where a command's time is limited)
+    p = gpu_bench('--official', OFFICIAL, '--tiny', '--parts', 'laptop', '--update', '--json', str(out),
+                  env=dict(os.environ, SMOKE='1'))                       # the laptop part: train.sh SMOKE=1
+    assert p.returncode == 0, p.stderr
+    res = {**res, **json.loads(out.read_text())}
     for row, key in (('tf', 'ms_per_step'), ('sar_argmax', 'ms_per_step'), ('sar_cfg', 'ms_per_step'),
                      ('sampling', 'images_per_s')):
         runs = res['runs'][row]
@@ -2157,9 +2175,13 @@ def test_gpu_bench_dry_run_writes_the_medians_ratios_laptop_time_and_ddp_line(tm
         name = 'sampling_speedup' if row == 'sampling' else f'{row}_ratio'
         assert res[name] == pytest.approx(med['ours'] / med['official'], abs=1e-3)
     assert res['card'] == 'cpu' and res['mfu_tf'] is None and res['laptop_pipeline_s'] > 0
+    assert sorted(res['parts']) == ['ab', 'laptop'] and res['rounds'] == 1 and res['laptop_tf_ms'] > 0
     assert res['laptop_split'].startswith('time per stage: tokenizer')
     assert [ln.split(' | ')[0][:4] for ln in res['laptop_table'].splitlines()] == ['| ch', '|---', '| TF', '| SA']
     assert ' x 1, cpu DDP gloo, step 0' in res['ddp_start_line']                 # torchrun of 1 process: DDP
     assert res['commit'] and res['torch'] == torch.__version__
-    assert 'aten::' in (tmp_path / 'gpu_profile_tf.txt').read_text()              # the profile of our TF step
-    assert sorted(os.listdir(tmp_path)) == ['gpu.json', 'gpu_profile_tf.txt']     # no temporary file left
+    profiles = ['gpu_profile_laptop_tf.txt', 'gpu_profile_sampling.txt', 'gpu_profile_tf.txt']
+    for name in profiles:                                                        # where a step's time goes
+        text = (tmp_path / name).read_text()
+        assert text.startswith('wall ') and 'aten::' in text, name
+    assert sorted(os.listdir(tmp_path)) == ['gpu.json'] + profiles              # no temporary file left

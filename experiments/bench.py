@@ -78,11 +78,18 @@ def write_profile(fn, sync, device, path):
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with profile(activities=acts) as prof:
+        t = time.perf_counter()
         fn()
         sync()
+        wall = (time.perf_counter() - t) * 1000
     key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
-    atomic_write(path, lambda f: f.write(table.encode()))
+    # busy time far below the wall time = the device waits for Python to launch its kernels
+    kernels = [e for e in prof.events() if e.device_type.name == 'CUDA']
+    head = (f"wall {wall:.1f} ms (profiled); the GPU busy {sum(e.self_device_time_total for e in kernels) / 1000:.1f}"
+            f" ms in {len(kernels)} kernels\n" if kernels else
+            f"wall {wall:.1f} ms (profiled); {sum(e.name.startswith('aten::') for e in prof.events())} aten ops\n")
+    atomic_write(path, lambda f: f.write((head + table).encode()))
     print(f"profile of one step -> {path}", flush=True)
 
 
@@ -161,14 +168,16 @@ def bench_sampling(args):
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     cfg = 2.2 if args.cfg is None else args.cfg
     times = []
-    for i in range(args.bench_steps):
-        gen = torch.Generator(device=device).manual_seed(i)
 
-        def one():
-            with sar.autocast_ctx(device, args.dtype):
-                sar.sample(model, vae, labels, list(args.scales), cfg, args.top_k, args.top_p, gen, args.cfg_form)
-        times.append(timed(one, sync, 1))
+    def one(i):
+        gen = torch.Generator(device=device).manual_seed(i)
+        with sar.autocast_ctx(device, args.dtype):
+            sar.sample(model, vae, labels, list(args.scales), cfg, args.top_k, args.top_p, gen, args.cfg_form)
+    for i in range(args.bench_steps):
+        times.append(timed(lambda: one(i), sync, 1))
         print(f"batch {i}: {times[-1]:.1f} ms{' (warm-up)' if i == 0 else ''}", flush=True)
+    if args.profile:
+        write_profile(lambda: one(args.bench_steps), sync, device, args.profile)
     med = statistics.median(times[1:] or times)
     res = dict(side='ours', depth=args.depth, batch=args.batch_size, scales=list(args.scales), cfg=cfg,
                top_k=args.top_k, top_p=args.top_p, device=str(device), dtype=args.dtype,
@@ -185,7 +194,7 @@ def get_parser(description):
     p.add_argument('--bench-steps', type=int, default=6, help="timed steps (the first is warm-up, excluded)")
     p.add_argument('--peak-tflops', type=float, default=989.0, help="peak for MFU (H100 bf16 dense: 989)")
     p.add_argument('--sampling', action='store_true', help="time sampling (VAE decode included) instead")
-    p.add_argument('--profile', metavar='FILE', help="then profile one more training step into FILE (a table)")
+    p.add_argument('--profile', metavar='FILE', help="then profile one more step (or batch) into FILE (a table)")
     return p
 
 
