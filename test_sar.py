@@ -2135,7 +2135,8 @@ def gpu_bench(*args, env=None):
 
 
 def test_gpu_bench_bad_official_fails_in_one_line_and_writes_nothing(tmp_path):
-    p = gpu_bench('--official', str(tmp_path / 'nowhere'), '--tiny', '--parts', 'ab', '--json', str(tmp_path / 'g.json'))
+    p = gpu_bench('--official', str(tmp_path / 'nowhere'), '--tiny', '--parts', 'ab',
+                  '--json', str(tmp_path / 'g.json'))
     assert p.returncode == 2 and p.stderr.startswith('error: ') and p.stderr.count('\n') == 1, p.stderr
     assert '--official' in p.stderr and os.listdir(tmp_path) == []
 

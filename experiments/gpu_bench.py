@@ -154,7 +154,8 @@ def machine():
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or None
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.',
+                            ':(exclude)assets/bench'], cwd=ROOT,         # results written here are no code
                            capture_output=True, text=True).stdout.strip()
     commit = f"{commit}-dirty" if commit and dirty else commit     # numbers of uncommitted code say so
     return dict(card=card, torch=torch.__version__, commit=commit,
@@ -170,8 +171,10 @@ def previous(path, now):
         raise UserError(f"--update: cannot read {path} ({type(e).__name__}); run without --update first")
     for k in ('commit', 'card', 'config'):
         if res.get(k) != now[k]:
-            what = 'another configuration (--tiny or not)' if k == 'config' else f"{k} {res.get(k)!r}, not {now[k]!r}"
+            what = 'another configuration (--tiny or not)' if k == 'config' else \
+                f"{k} {res.get(k)!r}, not {now[k]!r}"
             raise UserError(f"--update: {path} holds {what}: run without --update")
+    res.setdefault('parts', {})
     return res
 
 
