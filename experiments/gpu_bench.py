@@ -189,7 +189,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         parts = args.parts.split(',')
-        if args.rounds < 1 or not parts or set(parts) - {'ab', 'laptop', 'compiled'}:
+        if args.rounds < 1 or set(parts) - {'ab', 'laptop', 'compiled'}:
             raise UserError(f"--rounds must be >= 1 and --parts a list of ab, laptop, compiled; got "
                             f"--rounds {args.rounds} --parts {args.parts}")
         if not os.path.isfile(os.path.join(args.official, 'trainer.py')):
